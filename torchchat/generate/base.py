@@ -1,0 +1,335 @@
+"""Generator: everything about generation that does not depend on where the model runs.
+
+A backend subclasses ``Generator`` and overrides two mid-level methods:
+
+- ``prefill(tokens, start_pos)``: run the prompt through the model, return the first new token;
+- ``decode_n_tokens(token, start_pos, n)``: yield up to ``n`` further tokens, one per step.
+
+Both choose tokens with ``self.sample(logits)``, which applies the current request's sampling
+settings. A multi-process backend may also override ``share_input`` (how the user's input,
+read on one process, reaches the others) and sets ``is_io_rank`` False on the processes that
+must not talk to the user. Everything else (encoding prompts and chat turns, stop conditions,
+streaming text, statistics) lives here. See docs/backends.md for a complete example.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, TextIO
+
+import torch
+
+from torchchat.generate.sampling import sample
+from torchchat.generate.stats import GenerationStats
+from torchchat.generate.streaming import TextStreamer
+from torchchat.model import ConfigError, ModelArgs
+
+
+@dataclass
+class GenerationArgs:
+    """How to generate: validated at construction, one per request."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = 200  # None: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int | None = None  # None: a random seed
+    num_samples: int = 1  # sequences generated at once from the same prompt
+    stop: tuple[str, ...] = ()  # text that ends a sequence (checked on every process: all stop alike)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens ({self.max_new_tokens}) must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature ({self.temperature}) must be >= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"--top-k ({self.top_k}) must be at least 1")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p ({self.top_p}) must be in (0, 1]")
+        if self.num_samples < 1:
+            raise ConfigError(f"--num-samples ({self.num_samples}) must be at least 1")
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ConfigError("a stop string must not be empty")
+
+
+@dataclass
+class Completion:
+    """One generated sequence."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens or the context)
+    stop_token: int | None = None
+
+
+@dataclass
+class Turn:
+    """What one request sends to the model: the tokens to add and how to generate."""
+
+    tokens: list[int]
+    args: GenerationArgs
+    start_pos: int = 0  # where the tokens go in the KV cache (chat keeps earlier turns there)
+
+
+@dataclass
+class _Batch:
+    """Per-sequence progress of one generation."""
+
+    size: int
+    tokens: list[list[int]] = field(init=False)
+    stop_tokens: list[int | None] = field(init=False)
+    stopped_by_text: list[bool] = field(init=False)
+
+    def __post_init__(self):
+        self.tokens = [[] for _ in range(self.size)]
+        self.stop_tokens = [None] * self.size
+        self.stopped_by_text = [False] * self.size
+
+    def active(self, i: int) -> bool:
+        return self.stop_tokens[i] is None and not self.stopped_by_text[i]
+
+    def add(self, step: list[int], stop_ids: frozenset[int], stop_text: Callable[[list[int]], bool] | None):
+        for i, tok in enumerate(step):
+            if self.active(i):
+                self.tokens[i].append(tok)
+                if tok in stop_ids:
+                    self.stop_tokens[i] = tok
+                elif stop_text is not None and stop_text(self.tokens[i]):
+                    self.stopped_by_text[i] = True
+
+    @property
+    def done(self) -> bool:
+        return not any(self.active(i) for i in range(self.size))
+
+
+class ContextFull(ConfigError):
+    """The conversation no longer fits in the KV cache."""
+
+
+class Generator(ABC):
+    """Base of every backend: input, chat templates, sampling, stop conditions, streaming, statistics.
+
+    Subclasses implement ``prefill`` and ``decode_n_tokens``; see the module docstring.
+    """
+
+    def __init__(self, model_args: ModelArgs, tokenizer, chat_format, *, max_seq_len: int,
+                 device: torch.device | str = "cpu", out: TextIO | None = None, err: TextIO | None = None,
+                 is_io_rank: bool = True):
+        self.model_args = model_args
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.max_seq_len = max_seq_len
+        self.device = torch.device(device)
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.is_io_rank = is_io_rank  # only this process reads the user and writes text
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        self.args = GenerationArgs()
+        self._rng: torch.Generator | None = None
+        self.last_stats = GenerationStats()
+
+    # ----- the backend's hooks -----
+
+    @abstractmethod
+    def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Run tokens (B, T) at positions [start_pos, start_pos + T); return the next token (B,)."""
+
+    @abstractmethod
+    def decode_n_tokens(self, token: torch.Tensor, start_pos: int, n: int) -> Iterator[torch.Tensor]:
+        """Feed ``token`` (B,) at ``start_pos``, then each new token after it; yield up to n new tokens (B,).
+
+        The caller may stop iterating early (a stop token, Ctrl-C); the backend must then be
+        ready for the next ``prefill``.
+        """
+
+    def share_input(self, turn: Turn | None) -> Turn | None:
+        """Give every process the request read by the I/O process (None: the session ends).
+
+        One process: nothing to share.
+        """
+        return turn
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Pick the next token (B,) from logits (B, V) with the current request's settings."""
+        a = self.args
+        return sample(logits, a.temperature, a.top_k, a.top_p, self._rng)
+
+    # ----- token level -----
+
+    def generate_tokens(self, turn: Turn) -> Iterator[list[int]]:
+        """Yield one list of B token ids per step until every sequence stopped or max_new_tokens."""
+        self._start_request(turn)
+        prompt = torch.tensor([turn.tokens] * turn.args.num_samples, dtype=torch.long, device=self.device)
+        stats = self.last_stats = GenerationStats(batch=prompt.size(0), prompt_tokens=prompt.size(1))
+        t0 = time.perf_counter()
+        token = self.prefill(prompt, turn.start_pos)
+        step = token.tolist()
+        stats.ttft_s, stats.new_tokens = time.perf_counter() - t0, 1
+        yield step
+        t1 = time.perf_counter()
+        try:
+            steps = self.decode_n_tokens(token, turn.start_pos + prompt.size(1), turn.args.max_new_tokens - 1)
+            for token in steps:
+                stats.new_tokens += 1
+                stats.decode_s = time.perf_counter() - t1
+                yield token.tolist()
+        finally:
+            stats.decode_s = time.perf_counter() - t1
+
+    def _start_request(self, turn: Turn):
+        end = turn.start_pos + len(turn.tokens) + turn.args.max_new_tokens
+        if end > self.max_seq_len:
+            raise ContextFull(f"prompt ({len(turn.tokens)} tokens at position {turn.start_pos}) plus "
+                              f"--max-new-tokens ({turn.args.max_new_tokens}) exceeds the context "
+                              f"({self.max_seq_len}); shorten the prompt or lower --max-new-tokens")
+        self.args = turn.args
+        seed = turn.args.seed if turn.args.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._rng = torch.Generator(device=self.device).manual_seed(seed)
+
+    # ----- text level -----
+
+    def complete(self, turn: Turn, on_text: Callable[[str], None] | None = None) -> list[Completion]:
+        """Generate from ``turn``; stream sequence 0's text to ``on_text``; return every sequence."""
+        batch = _Batch(turn.args.num_samples)
+        streamer = TextStreamer(self.tokenizer, turn.tokens, skip_ids=self.stop_ids)
+        stop_text = self._stop_text_check(turn.args.stop)
+        steps = self.generate_tokens(turn)
+        try:
+            for step in steps:
+                streamed = batch.active(0)
+                batch.add(step, self.stop_ids, stop_text)
+                if on_text and streamed:
+                    on_text(streamer.push(step[0]))
+                if batch.done:
+                    break
+        finally:
+            steps.close()
+            if on_text:
+                on_text(streamer.flush())
+        return [self._completion(batch, i, turn.args.stop) for i in range(batch.size)]
+
+    def _stop_text_check(self, stop: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
+        """A test for stop strings in a sequence's recent text (every process runs it on the same tokens)."""
+        if not stop:
+            return None
+        window = max(len(s) for s in stop) + 16  # characters; a stop string ends within the last token
+
+        def hit(tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-window:])
+            return any(s in tail for s in stop)
+        return hit
+
+    def _completion(self, batch: _Batch, i: int, stop: tuple[str, ...]) -> Completion:
+        tokens, stop_token = batch.tokens[i], batch.stop_tokens[i]
+        text = self.tokenizer.decode(tokens[:-1] if stop_token is not None else tokens)
+        if batch.stopped_by_text[i]:
+            text = text[:min(text.find(s) for s in stop if s in text)]
+        finished = stop_token is not None or batch.stopped_by_text[i]
+        return Completion(tokens, text, "stop" if finished else "length", stop_token)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt (no chat template), with BOS where the tokenizer wants one."""
+        tokens = self.tokenizer.encode(text, bos=self.tokenizer.add_bos)
+        if not tokens:
+            raise ConfigError("the prompt is empty; pass --prompt TEXT or text on standard input")
+        return tokens
+
+    # ----- user level: the `generate` and `chat` commands -----
+
+    def run_generate(self, prompt: str | None, args: GenerationArgs) -> list[Completion]:
+        """`generate`: complete a raw prompt (read on the I/O process only), print it, report stats."""
+        turn = Turn(self.encode_prompt(prompt), args) if self.is_io_rank else None
+        turn = self.share_input(turn)
+        if self.is_io_rank:
+            self.write(prompt)
+        completions = self.complete(turn, self.write if args.num_samples == 1 else None)
+        self._print_samples(completions)
+        self.report(self.last_stats.summary(self.device))
+        return completions
+
+    def _print_samples(self, completions: list[Completion]):
+        if len(completions) == 1:
+            self.write("\n")
+            return
+        for i, c in enumerate(completions):
+            self.write(f"\n--- sample {i} ---\n{c.text}\n")
+
+    def run_chat(self, args: GenerationArgs, read_user: Callable[[], str | None],
+                 system_prompt: str | None = None) -> int:
+        """`chat`: multi-turn, history kept in the KV cache. Returns the number of replies."""
+        session = ChatSession(self, args, system_prompt)
+        while True:
+            turn = self._read_turn(session, read_user) if self.is_io_rank else None
+            turn = self.share_input(turn)
+            if turn is None:
+                return session.replies
+            session.reply(turn)
+
+    def _read_turn(self, session: "ChatSession", read_user: Callable[[], str | None]) -> Turn | None:
+        try:
+            return session.next_turn(read_user())
+        except ContextFull as e:
+            self.report(f"error: {e}")
+            return None
+
+    def write(self, text: str):
+        if self.is_io_rank and text:
+            self.out.write(text)
+            self.out.flush()
+
+    def report(self, line: str):
+        """A statistics or status line: stderr, I/O process only."""
+        if self.is_io_rank:
+            print(line, file=self.err, flush=True)
+
+
+class ChatSession:
+    """The state of one conversation: where its tokens end in the KV cache, how the last reply ended."""
+
+    def __init__(self, generator: Generator, args: GenerationArgs, system_prompt: str | None):
+        self.gen = generator
+        self.args = args
+        self.system_prompt = system_prompt
+        self.pos = 0  # tokens already in the KV cache
+        self.closing: list[int] = []  # tokens that close the previous reply, fed with the next turn
+        self.replies = 0
+
+    def next_turn(self, text: str | None) -> Turn | None:
+        """The user's text -> the tokens of the next turn; None ends the chat (EOF, /bye)."""
+        if text is None or text.strip() in ("/bye", "/exit", "/quit"):
+            return None
+        messages = [{"role": "user", "content": text}]
+        if self.replies == 0 and self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        tokens = self.closing + self.gen.chat_format.encode_turn(messages, first=self.replies == 0)
+        room = self.gen.max_seq_len - self.pos - len(tokens)
+        if room < 1:
+            raise ContextFull(f"the conversation fills the context ({self.gen.max_seq_len} tokens); "
+                              f"start a new chat or raise --max-seq-length")
+        return Turn(tokens, _with_max_new(self.args, min(self.args.max_new_tokens, room)), self.pos)
+
+    def reply(self, turn: Turn):
+        """Generate and stream one reply; Ctrl-C ends the reply, not the chat."""
+        completion = None
+        try:
+            completion, = self.gen.complete(turn, self.gen.write)
+        except KeyboardInterrupt:
+            self.gen.write("\n[interrupted]")
+        self.gen.write("\n")
+        new_tokens = self.gen.last_stats.new_tokens
+        if new_tokens == 0:
+            return  # interrupted during the prompt: the turn never entered the conversation
+        # Every new token but the last was fed back into the KV cache (an interrupted step may be partial).
+        self.pos = turn.start_pos + len(turn.tokens) + new_tokens - 1
+        ended_by_stop = completion is not None and completion.stop_token is not None
+        self.closing = [completion.stop_token] if ended_by_stop else list(self.gen.chat_format.end_of_turn)
+        self.replies += 1
+        self.gen.report(self.gen.last_stats.summary(self.gen.device))
+
+
+def _with_max_new(args: GenerationArgs, max_new: int) -> GenerationArgs:
+    return replace(args, max_new_tokens=max_new, num_samples=1)

@@ -1,0 +1,43 @@
+"""Timing and memory figures of one generation, printed on stderr."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationStats:
+    batch: int = 1
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # per sequence, counting the first one (from prefill)
+    ttft_s: float = 0.0  # time to first token: prefill plus its sampling
+    decode_s: float = 0.0  # time for the tokens after the first
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.batch * self.prompt_tokens / self.ttft_s if self.ttft_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second per sequence after the first token."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
+
+    def summary(self, device: torch.device) -> str:
+        line = (f"time to first token {self.ttft_s:.3f} s | prefill {self.batch * self.prompt_tokens} tokens "
+                f"{self.prefill_tok_s:.1f} tok/s | decode {self.new_tokens - 1} tokens {self.decode_tok_s:.2f} tok/s")
+        if self.batch > 1:
+            line += f" per sequence, {self.batch * self.decode_tok_s:.2f} tok/s over {self.batch} sequences"
+        return line + f" | peak memory {peak_memory_mb(device):.0f} MB"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU), or peak allocated CUDA memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
