@@ -131,6 +131,7 @@ class Generator(ABC):
         self.args = GenerationArgs()
         self._rng: torch.Generator | None = None
         self.last_stats = GenerationStats()
+        self.last_step: list[int] = []  # the latest tokens yielded, one per sequence
 
     # ----- the backend's hooks -----
 
@@ -167,16 +168,17 @@ class Generator(ABC):
         stats = self.last_stats = GenerationStats(batch=prompt.size(0), prompt_tokens=prompt.size(1))
         t0 = time.perf_counter()
         token = self.prefill(prompt, turn.start_pos)
-        step = token.tolist()
+        self.last_step = token.tolist()
         stats.ttft_s, stats.new_tokens = time.perf_counter() - t0, 1
-        yield step
+        yield self.last_step
         t1 = time.perf_counter()
         try:
             steps = self.decode_n_tokens(token, turn.start_pos + prompt.size(1), turn.args.max_new_tokens - 1)
             for token in steps:
                 stats.new_tokens += 1
                 stats.decode_s = time.perf_counter() - t1
-                yield token.tolist()
+                self.last_step = token.tolist()
+                yield self.last_step
         finally:
             stats.decode_s = time.perf_counter() - t1
 
@@ -323,10 +325,12 @@ class ChatSession:
         new_tokens = self.gen.last_stats.new_tokens
         if new_tokens == 0:
             return  # interrupted during the prompt: the turn never entered the conversation
-        # Every new token but the last was fed back into the KV cache (an interrupted step may be partial).
+        # Every new token but the last was fed back into the KV cache (an interrupted step may be partial):
+        # the next turn starts with the last one, then closes the reply unless that token already did.
         self.pos = turn.start_pos + len(turn.tokens) + new_tokens - 1
+        last = self.gen.last_step[0]
         ended_by_stop = completion is not None and completion.stop_token is not None
-        self.closing = [completion.stop_token] if ended_by_stop else list(self.gen.chat_format.end_of_turn)
+        self.closing = [last] if ended_by_stop else [last, *self.gen.chat_format.end_of_turn]
         self.replies += 1
         self.gen.report(self.gen.last_stats.summary(self.gen.device))
 

