@@ -13,6 +13,7 @@ setup(
     version="0.1.0",
     description="Run Llama-family language models with PyTorch: generate, chat, serve; local or distributed.",
     packages=find_packages(include=["torchchat", "torchchat.*"]),
+    package_data={"torchchat.server": ["static/*.html"]},  # the chat page
     python_requires=">=3.10",
     install_requires=requirements,
     entry_points={"console_scripts": ["torchchat=torchchat.cli:main"]},

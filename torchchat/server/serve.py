@@ -1,0 +1,98 @@
+"""Running the server: bind the port, run uvicorn until SIGINT/SIGTERM; ``follow`` for the other ranks.
+
+Shutdown: uvicorn stops accepting connections and gives in-flight requests ``shutdown_timeout``
+seconds to finish; then the engine cuts what is left (each such request ends with a 503 error, the
+running generation stops between two tokens). The application's lifespan then stops the engine,
+whose worker calls ``share_input(None)`` so that distributed followers leave their loop; the
+listening socket closes with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from torchchat.generate.base import Generator
+from torchchat.model import ConfigError
+from torchchat.server.app import ServerConfig, create_app
+from torchchat.server.engine import Engine
+
+BACKSTOP_S = 5.0  # after the grace period, how long cut requests get to end before uvicorn cancels them
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a busy port fails before any weight is loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from e
+    return sock
+
+
+def serve(generator: Generator, config: ServerConfig, *, sock: socket.socket | None = None,
+          cancellable: bool = True):
+    """Serve ``generator`` over HTTP until SIGINT or SIGTERM (runs on the I/O process only).
+
+    ``cancellable=False`` for a distributed generator: see ``Engine``.
+    """
+    sock = sock or bind(config.host, config.port)
+    _log_to_stderr()
+    engine = Engine(generator, cancellable=cancellable, max_queue=config.max_queue)
+    server = _Server(uvicorn.Config(create_app(engine, config), log_level="info",
+                                    timeout_graceful_shutdown=config.shutdown_timeout + BACKSTOP_S), engine,
+                     config.shutdown_timeout)
+    host, port = sock.getsockname()[:2]
+    generator.report(f"serving {config.model_id} on http://{_url_host(host)}:{port}/ (chat page; OpenAI API "
+                     f"under /v1); Ctrl-C stops")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()  # already done by the lifespan, unless a second Ctrl-C skipped it
+        sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server; when the grace period after a signal ends, the engine cuts what is pending.
+
+    Cut requests end cleanly (a 503, or an error event and ``[DONE]`` in a stream), instead of
+    uvicorn cancelling their tasks mid-write; uvicorn's own timeout stays as a backstop.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float):
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets=None):
+        cut = asyncio.get_running_loop().call_later(self.grace_s, self.engine.shutdown)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
+
+
+def follow(generator: Generator):
+    """A distributed rank other than the I/O one: take part in each request until the server stops."""
+    while (turn := generator.share_input(None)) is not None:
+        generator.complete(turn)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _log_to_stderr():
+    log = logging.getLogger("torchchat.server")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))  # uvicorn's look
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
