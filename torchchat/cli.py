@@ -162,16 +162,27 @@ def read_prompt(args) -> str:
     return sys.stdin.read()
 
 
-def cmd_generate(args) -> int:
-    gen_args = generation_args(args, args.num_samples)
-    prep = Prepared(args)
-    prompt = read_prompt(args)
+def generate_seq_len(args, prep: Prepared, prompt: str, gen_args) -> int:
+    """The KV cache length `generate` needs for ``prompt``; ConfigError if it is empty or does not fit."""
     prompt_len = len(prep.tokenizer.encode(prompt, bos=prep.tokenizer.add_bos))
+    if prompt_len == 0:
+        raise ConfigError("the prompt is empty; pass --prompt TEXT or text on standard input")
     max_seq_len = prep.max_seq_len(args, prompt_len + gen_args.max_new_tokens)
     if prompt_len + gen_args.max_new_tokens > max_seq_len:
         raise ConfigError(f"prompt ({prompt_len} tokens) plus --max-new-tokens ({gen_args.max_new_tokens}) "
                           f"exceeds the context ({max_seq_len}); shorten the prompt or lower --max-new-tokens")
-    generator = build_generator(args, prep, max_seq_len, max_batch=gen_args.num_samples)
+    return max_seq_len
+
+
+def cmd_generate(args, prep: Prepared | None = None, build=build_generator, read=read_prompt) -> int:
+    """`generate`. The distributed launcher passes its checked ``prep``, its generator factory, and a
+    ``read`` that returns None on the processes that do not read the user (``build`` then gets
+    max_seq_len None there and takes the reading process's)."""
+    gen_args = generation_args(args, args.num_samples)
+    prep = prep or Prepared(args)
+    prompt = read(args)
+    max_seq_len = None if prompt is None else generate_seq_len(args, prep, prompt, gen_args)
+    generator = build(args, prep, max_seq_len, max_batch=gen_args.num_samples)
     generator.run_generate(prompt, gen_args)
     return 0
 
@@ -189,13 +200,14 @@ def read_user_line() -> str | None:
     return text
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(args, prep: Prepared | None = None, build=build_generator) -> int:
+    """`chat`; the distributed launcher passes its checked ``prep`` and its generator factory."""
     gen_args = generation_args(args)
-    prep = Prepared(args)
+    prep = prep or Prepared(args)
     max_seq_len = prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN)
     if gen_args.max_new_tokens >= max_seq_len:
         raise ConfigError(f"--max-new-tokens ({gen_args.max_new_tokens}) must be below the context ({max_seq_len})")
-    generator = build_generator(args, prep, max_seq_len)
+    generator = build(args, prep, max_seq_len)
     generator.report("chat: type a message; /bye or Ctrl-D ends, Ctrl-C stops a reply")
     generator.run_chat(gen_args, read_user_line, args.system_prompt)
     return 0
@@ -222,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("generate", "chat", "server") and is_distributed(args):
             from torchchat.distributed.launch import run_distributed
 
-            return run_distributed(args)
+            return run_distributed(args, sys.argv[1:] if argv is None else argv)
         return COMMANDS.get(args.command, getattr(args, "handler", None))(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
