@@ -1,0 +1,110 @@
+"""Running a function on N real processes joined in a gloo process group, with a timeout.
+
+``run_ranks(fn, world, *args)`` starts ``world`` processes (forkserver, torch preloaded once), each
+calls ``init_worker`` then ``fn(rank, world, *args)``; it returns every rank's return value, in
+rank order. A rank that raises fails the call with its traceback; a hang past ``timeout`` kills
+every process and fails, never hangs CI. The port comes from binding port 0.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "torch.distributed.tensor.parallel",
+            "torchchat.model", "torchchat.generate.base"]
+
+
+class RanksFailed(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_worker(rank: int, world: int, port: int, timeout_s: float = 60.0):
+    """What launch.py does for the CLI: one thread, env:// rendezvous on localhost, gloo."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def _entry(fn, rank: int, world: int, port: int, out_dir: str, args: tuple):
+    path = Path(out_dir) / f"rank{rank}.pkl"
+    try:
+        init_worker(rank, world, port)
+        result = ("ok", fn(rank, world, *args))
+    except BaseException:  # noqa: BLE001 - reported by the parent, with the traceback
+        result = ("error", traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    path.write_bytes(pickle.dumps(result))
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> list:
+    """fn(rank, world, *args) on ``world`` processes; their results in rank order."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_entry, args=(fn, rank, world, port, out_dir, args), daemon=True)
+                 for rank in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            _wait(procs, Path(out_dir), deadline)
+        finally:
+            hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        return _collect(Path(out_dir), procs, hung, timeout)
+
+
+def _wait(procs, out_dir: Path, deadline: float):
+    """Until every rank exits, the deadline passes, or one rank failed (the others would only wait)."""
+    while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+        for rank, p in enumerate(procs):
+            if p.exitcode is not None and _failed(out_dir / f"rank{rank}.pkl"):
+                return
+        time.sleep(0.05)
+
+
+def _failed(path: Path) -> bool:
+    return not path.exists() or pickle.loads(path.read_bytes())[0] == "error"
+
+
+def _collect(out_dir: Path, procs, hung: list[int], timeout: float) -> list:
+    results, errors = [], []
+    for rank, p in enumerate(procs):
+        path = out_dir / f"rank{rank}.pkl"
+        if not path.exists():
+            why = f"killed: still running (timeout {timeout:.0f} s, or another rank failed)" if rank in hung else \
+                f"exit code {p.exitcode}, no result"
+            errors.append(f"rank {rank}: {why}")
+            results.append(None)
+            continue
+        status, value = pickle.loads(path.read_bytes())
+        if status == "error":
+            errors.append(f"rank {rank}:\n{value}")
+        results.append(value)
+    if errors:
+        raise RanksFailed("\n".join(errors))
+    return results

@@ -1,0 +1,11 @@
+"""Distributed generation: mesh and parallel dims, the TP plan, the PP split, the few collectives.
+
+``torch.distributed`` is imported only here and in ``torchchat/generate/distributed.py``.
+
+- ``parallel_dims``: ParallelDims (tp x pp = world size), model checks, the ("pp", "tp") mesh;
+- ``tensor_parallel``: the DTensor plan and its plain-tensor hot path;
+- ``pipeline``: the stage split and its driving through torch.distributed.pipelining;
+- ``loading``: only this rank's layers and shards from the checkpoint;
+- ``collectives``: every communication, named and counted (the sync budget);
+- ``launch``, ``spawn``, ``process_group``: starting and joining the processes.
+"""
