@@ -36,7 +36,7 @@ def smollm2_vocab(smollm2):
     from torchchat.checkpoints.gguf import open_gguf  # the GGUF parser; the conversion under test is not used
 
     fields = open_gguf(embedded_gguf()).fields
-    return fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.merges"].contents()
+    return fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.merges"]
 
 
 @pytest.fixture(scope="module")

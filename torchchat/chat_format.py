@@ -347,8 +347,7 @@ def chat_template(source: ModelSource) -> str | None:
     if source.gguf_path is not None:
         from torchchat.checkpoints.gguf import open_gguf  # the parsed file is shared with the weight loader
 
-        field = open_gguf(Path(source.gguf_path)).fields.get("tokenizer.chat_template")
-        return field.contents() if field is not None else None
+        return open_gguf(Path(source.gguf_path)).fields.get("tokenizer.chat_template")
     if source.checkpoint_dir is not None:
         config = Path(source.checkpoint_dir) / "tokenizer_config.json"
         if config.is_file():

@@ -286,11 +286,10 @@ def _load_sentencepiece(path: Path, fix: str) -> SentencePieceTokenizer:
 def _load_gguf(path: Path) -> Tokenizer:
     from torchchat.checkpoints.gguf import open_gguf  # the parsed file is shared with the weight loader
 
-    reader = open_gguf(path)
+    fields = open_gguf(path).fields
 
     def meta(key, default=None):
-        field = reader.fields.get(key)
-        return default if field is None else field.contents()
+        return fields.get(key, default)
 
     kind = meta("tokenizer.ggml.model")
     if kind is None:

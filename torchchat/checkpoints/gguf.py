@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp): ModelArgs from the ``llama.*`` metadata, tensors dequantized one at a time.
 
-The reader memory-maps the file, so a tensor's bytes are read only when it is dequantized. Q and K
-of a llama GGUF are already in Meta's interleaved-pair RoPE layout (llama.cpp's converter undid
-Hugging Face's permutation), so no tensor is permuted here.
+The header is parsed by gguf_reader and the file memory-mapped, so a tensor's bytes are read only when
+it is dequantized. Q and K of a llama GGUF are already in Meta's interleaved-pair RoPE layout
+(llama.cpp's converter undid Hugging Face's permutation), so no tensor is permuted here.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as QType
 from torchchat.checkpoints.common import (
     GGUF_MAGIC, CheckpointError, LazyTensor, checked_args, corrupt_error, default_context, magic, require_file,
 )
+from torchchat.checkpoints.gguf_reader import GGUFFile, read_gguf
 from torchchat.model import ModelArgs, RopeScaling, rope_frequencies
 
 _TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
@@ -32,8 +33,8 @@ _FLOATS = {QType.F32: np.float32, QType.F16: np.float16, QType.F64: np.float64}
 _REQUIRED = object()
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    """A GGUFReader for ``path`` (memory-mapped); the last one is reused while the file is unchanged."""
+def open_gguf(path: Path) -> GGUFFile:
+    """The parsed header of ``path`` (data memory-mapped); the last one is reused while the file is unchanged."""
     path = Path(path)
     require_file(path, "GGUF file", "check --gguf-path")
     if magic(path, 4) != GGUF_MAGIC:
@@ -42,16 +43,16 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     stat = path.stat()
     try:
         return _cached_reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    except Exception as e:  # the reader raises ValueError, IndexError, KeyError... on a damaged file
+    except Exception as e:  # GGUFFormatError, UnicodeDecodeError, OSError...: any failure is a damaged file
         raise corrupt_error(path, e) from e
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-    # Parsing a real vocabulary (49k tokens, 49k merges) takes seconds, and the model arguments, the
-    # weights and the tokenizer are all read from one file: parse it once. Size and mtime are part of
-    # the key so that a rewritten file is parsed again.
-    return gguf.GGUFReader(path)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    # The model arguments, the weights, the tokenizer and the chat template are all read from one file:
+    # parse it once (a real vocabulary, 49k tokens and 49k merges, is ~0.1 s). Size and mtime are part
+    # of the key so that a rewritten file is parsed again.
+    return read_gguf(path)
 
 
 class _File:
@@ -61,13 +62,12 @@ class _File:
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     def meta(self, key: str, default=_REQUIRED):
-        field = self.reader.fields.get(key)
-        if field is None:
+        if key not in self.reader.fields:
             if default is _REQUIRED:
                 raise CheckpointError(f"{self.path} lacks the GGUF metadata key '{key}': re-convert the model "
                                       f"with llama.cpp's convert_hf_to_gguf.py")
             return default
-        return field.contents()
+        return self.reader.fields[key]
 
 
 def model_args(path: Path, name: str) -> ModelArgs:
@@ -164,7 +164,7 @@ def _vocab_size(f: _File) -> int:
     tokens = f.reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise CheckpointError(f"{f.path} has neither token_embd.weight nor a token list: re-convert the model")
-    return len(tokens.data)
+    return len(tokens)
 
 
 def _uniform(path: Path, key: str, value) -> int:
