@@ -208,7 +208,7 @@ def cmd_chat(args, prep: Prepared | None = None, build=build_generator) -> int:
     if gen_args.max_new_tokens >= max_seq_len:
         raise ConfigError(f"--max-new-tokens ({gen_args.max_new_tokens}) must be below the context ({max_seq_len})")
     generator = build(args, prep, max_seq_len)
-    generator.report("chat: type a message; /bye or Ctrl-D ends, Ctrl-C stops a reply")
+    generator.report(generator.chat_help)
     generator.run_chat(gen_args, read_user_line, args.system_prompt)
     return 0
 

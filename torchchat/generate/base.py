@@ -116,6 +116,8 @@ class Generator(ABC):
     Subclasses implement ``prefill`` and ``decode_n_tokens``; see the module docstring.
     """
 
+    chat_help = "chat: type a message; /bye or Ctrl-D ends, Ctrl-C stops a reply"
+
     def __init__(self, model_args: ModelArgs, tokenizer, chat_format, *, max_seq_len: int,
                  device: torch.device | str = "cpu", out: TextIO | None = None, err: TextIO | None = None,
                  is_io_rank: bool = True):

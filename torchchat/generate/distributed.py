@@ -70,6 +70,9 @@ class DistributedGenerator(Generator):
     ``complete``); only rank 0 reads the user (``is_io_rank``).
     """
 
+    # Ctrl-C reaches every rank at once (torchrun, the self-launcher): it ends the job, not a reply.
+    chat_help = "chat: type a message; /bye or Ctrl-D ends, Ctrl-C ends every rank"
+
     def __init__(self, runner, model_args, tokenizer, chat_format, dims: ParallelDims, mesh, *, max_seq_len: int,
                  max_batch: int = 1, device="cpu", turn_group=None, **kwargs):
         super().__init__(model_args, tokenizer, chat_format, max_seq_len=max_seq_len, device=device,
