@@ -1,0 +1,86 @@
+"""benchmarks/bench.py: the --quick smoke run end to end, and the pieces that need no model."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks" / "bench.py"
+KEYS = ("engine", "model", "dtype", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_well_formed_json(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        for key in KEYS:
+            assert key in row, f"{key} missing from {row}"
+        for key in ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+            assert isinstance(row[key], float) and row[key] > 0, f"{key} = {row[key]!r} in {row['engine']} row"
+        assert row["model"] == "tiny" and row["new_tokens"] == 8 and len(row["tokens"]) == 8
+    assert rows[0]["engine"] == "torchchat" and rows[0]["dtype"] == "fp32"
+    if importlib.util.find_spec("transformers") is not None:
+        hf, = (r for r in rows if r["engine"] == "transformers")
+        assert 0 <= hf["agree_vs_fp32"] <= 1 and rows[0]["decode_vs_hf"] > 0
+    assert "decode/s" in proc.stdout  # the table
+
+
+def test_hf_names_and_rotary_layout_round_trip():
+    """bench's conversion to Hugging Face names is the inverse of the checkpoint loader's."""
+    bench = load_bench()
+    from torchchat.checkpoints.huggingface import unpermute
+    from torchchat.model import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=96)
+    state = bench.random_state_dict(args, torch.float32)
+    hf = bench.to_hf_state_dict(state, args)
+    assert set(hf) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
+        f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
+    assert torch.equal(unpermute(hf["model.layers.0.self_attn.q_proj.weight"], 4), state["layers.0.attention.wq.weight"])
+    assert torch.equal(unpermute(hf["model.layers.0.self_attn.k_proj.weight"], 2), state["layers.0.attention.wk.weight"])
+    assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"], state["layers.0.attention.wq.weight"])
+
+
+def test_random_weights_are_the_same_in_every_dtype():
+    bench = load_bench()
+    from torchchat.model import ModelArgs
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=64, tie_embeddings=True)
+    fp32, bf16 = bench.random_state_dict(args, torch.float32), bench.random_state_dict(args, torch.bfloat16)
+    assert all(torch.equal(fp32[k].bfloat16(), bf16[k]) for k in fp32)
+    assert fp32["output.weight"] is fp32["tok_embeddings.weight"]
+
+
+def test_llama_bench_json_is_parsed():
+    bench = load_bench()
+    stdout = "build: ...\n" + json.dumps([
+        {"model_filename": "m.gguf", "n_prompt": 512, "n_gen": 0, "avg_ts": 210.5},
+        {"model_filename": "m.gguf", "n_prompt": 0, "n_gen": 128, "avg_ts": 41.25},
+    ])
+    assert bench.parse_llama_bench(stdout) == (210.5, 41.25)
+
+
+@pytest.mark.parametrize("a, b, expected", [([1, 2, 3, 4], [1, 2, 3, 4], (1.0, 4)),
+                                            ([1, 2, 3, 4], [1, 2, 9, 4], (0.75, 2)),
+                                            ([1, 2], [], (0.0, 0))])
+def test_agreement(a, b, expected):
+    assert load_bench().agreement(a, b) == expected

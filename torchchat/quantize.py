@@ -1,0 +1,168 @@
+"""Weight-only int8 and int4 quantization of the linear layers, through PyTorch's own CPU kernels.
+
+``quantize_model(model, "int8" | "int4")`` replaces, in place, every ``nn.Linear`` whose shape the
+kernel supports with a quantized linear; activations, norms, attention and the KV cache keep the
+model's dtype. A batch-1 decode step reads every weight once per token, so fewer weight bytes are
+fewer bytes to stream from memory:
+
+- int8: one scale per output row (symmetric), ``aten._weight_int8pack_mm``. 1 byte per weight.
+- int4: groups of ``group_size`` weights along the input dimension share a scale and a zero point
+  (asymmetric, min-max), ``aten._weight_int4pack_mm_for_cpu``. Half a byte per weight.
+
+Both kernels are fast only with bfloat16 activations on AVX2 machines (their float32 path is
+scalar, about 10x slower), so the quantized linears compute in bfloat16 and cast back. An int8
+linear given a long input (a prompt) dequantizes and uses a float32 GEMM instead, which is faster
+(see ``_PREFILL_ROWS``).
+The output layer is int8 under both schemes (see ``INT8_ONLY``); when it is tied to the
+embedding (SmolLM2, Llama 3.2) it is quantized on its own, and the embedding table, read one row
+per token, stays as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchchat.model import ConfigError
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+DEFAULT_INT4_GROUP_SIZE = 32  # llama.cpp's Q4_1 block: SmolLM2's GGUF weights are re-quantized losslessly
+# The output layer (hidden -> vocabulary logits) decides every greedy token: int4 there flips SmolLM2's
+# first answer token, so "int4" quantizes it to int8 (llama.cpp's Q4 files also keep it at 6-8 bits).
+INT8_ONLY = frozenset({"output"})
+_COMPUTE_DTYPE = torch.bfloat16  # the kernels' fast path
+# Inputs with at least this many rows (prompt tokens x batch) dequantize the weight and use a float32
+# matmul: the weight-only kernels are made for matrix-vector products and are ~2x slower than MKL's
+# GEMM on a 512-token prompt, while dequantizing costs one pass over the weight.
+_PREFILL_ROWS = 32
+_SLICE_BYTES = 64 * 2**20  # float32 weight dequantized at a time on that path
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T with ``weight`` int8 (out, in) and ``scales`` (out,)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) bfloat16
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach().float()  # (out, in)
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # (out,)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(_COMPUTE_DTYPE))
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (B * T, in)
+        if rows.size(0) >= _PREFILL_ROWS:
+            return self._float32_linear(x)
+        y = torch.ops.aten._weight_int8pack_mm(rows.to(_COMPUTE_DTYPE), self.weight, self.scales)  # (B * T, out)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _float32_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """A long input: float32 GEMM on the weight dequantized a slice of rows at a time (bounded memory)."""
+        xf = x.float()
+        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out), in x's dtype
+        step = max(1, _SLICE_BYTES // (4 * self.in_features))
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            w = self.weight[start:end].float() * self.scales[start:end].float()[:, None]  # (end - start, in)
+            out[..., start:end] = F.linear(xf, w)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n], q in [0, 15].
+
+    ``weight`` is q packed by ``aten._convert_weight_to_int4pack_for_cpu`` (uint8, two values a
+    byte, in the kernel's tiled order); ``scales_and_zeros`` is (in / g, out, 2).
+    """
+
+    def __init__(self, weight: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, scales_and_zeros.size(1)
+        self.group_size = group_size
+        self.register_buffer("weight", weight)  # packed int4, uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / group_size, out, 2) bfloat16
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        w = linear.weight.detach().float()  # (out, in)
+        out_features, in_features = w.shape
+        groups = w.reshape(out_features, in_features // group_size, group_size)  # (out, n_groups, g)
+        lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)  # (out, n_groups, 1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10)
+        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1)  # (n_groups, out, 2)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return cls(packed, scales_and_zeros.contiguous().to(_COMPUTE_DTYPE), in_features, group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # (B * T, in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
+                                                        self.scales_and_zeros)  # (B * T, out)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4, "
+                f"group_size={self.group_size}")
+
+
+def int4_group_size(in_features: int, out_features: int, preferred: int = DEFAULT_INT4_GROUP_SIZE) -> int | None:
+    """The group size to use for a weight of this shape, or None if the int4 kernel cannot take it.
+
+    The kernel needs out_features divisible by 16 and in_features by the group size; the preferred
+    size is taken if it divides in_features, else the largest supported one that does.
+    """
+    if out_features % 16:
+        return None
+    if in_features % preferred == 0:
+        return preferred
+    fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+    return max(fits) if fits else None
+
+
+def quantize_model(model: nn.Module, scheme: str, *, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> dict[str, int]:
+    """Replace the model's nn.Linear layers in place with weight-only quantized ones.
+
+    Returns counts: {"quantized": n, "skipped": m} (a layer is skipped, left as it is, when the
+    kernel does not support its shape). CPU only: the kernels are PyTorch's CPU ones.
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization '{scheme}': choose one of {', '.join(SCHEMES)}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"int4 group size ({group_size}) must be one of {INT4_GROUP_SIZES}")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ConfigError(f"--quantize uses PyTorch's CPU kernels; the model is on {device}: use --device cpu")
+    counts = {"quantized": 0, "skipped": 0}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child.bias is not None:
+                continue
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            new = _quantized(child, "int8" if full_name in INT8_ONLY else scheme, group_size)
+            if new is None:
+                counts["skipped"] += 1
+                continue
+            setattr(parent, name, new)
+            counts["quantized"] += 1
+    return counts
+
+
+def _quantized(linear: nn.Linear, scheme: str, group_size: int) -> nn.Module | None:
+    if scheme == "int8":
+        return Int8Linear.from_linear(linear)
+    g = int4_group_size(linear.in_features, linear.out_features, group_size)
+    return None if g is None else Int4Linear.from_linear(linear, g)
