@@ -82,13 +82,12 @@ class Workload:
     gguf: str | None = None
 
 
-# torchchat settings per model: (dtype, quantize, compile). The 1B model is slow in fp32 eager (minutes a
-# run), so it gets the settings that matter for it.
+# torchchat settings per model: (dtype, quantize, compile). A 1B-parameter run takes minutes (a 512-token
+# prompt is over a TFLOP), so that model gets the settings that matter for it.
 OUR_SETTINGS = {
     "default": [("fp32", None, False), ("fp32", None, True), ("bf16", None, False), ("bf16", None, True),
                 ("fp32", "int8", True), ("fp32", "int4", True)],
-    "llama3.2-1b": [("fp32", None, True), ("bf16", None, False), ("bf16", None, True), ("fp32", "int8", True),
-                    ("fp32", "int4", True)],
+    "llama3.2-1b": [("fp32", None, True), ("bf16", None, False), ("bf16", None, True), ("fp32", "int4", True)],
     QUICK_MODEL: [("fp32", None, False)],
 }
 
@@ -450,6 +449,52 @@ def run_case(case: Case, w: Workload, timeout: float) -> Result | None:
     return Result(**json.loads(lines[-1][len("RESULT "):]))
 
 
+def run_all(cases: list[Case], w: Workload, timeout: float) -> list[Result]:
+    """Each case in one subprocess: warm-up, then all its runs."""
+    results = []
+    for case in cases:
+        t0 = time.perf_counter()
+        r = run_case(case, w, timeout)
+        if r is not None:
+            results.append(r)
+            _progress(r, time.perf_counter() - t0)
+    return results
+
+
+def run_interleaved(cases: list[Case], w: Workload, timeout: float) -> list[Result]:
+    """--interleave: ``w.runs`` rounds, each running every case once in a fresh subprocess, so that a
+    change in the machine's load (a shared machine) falls on every engine alike. The cost is a load
+    and a warm-up per round; compiled cases find Inductor's on-disk cache warm after the first."""
+    one = Workload(**{**asdict(w), "runs": 1})
+    rounds: dict[Case, list[Result]] = {case: [] for case in cases}
+    for i in range(w.runs):
+        print(f"# round {i + 1}/{w.runs}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        for case in cases:
+            t0 = time.perf_counter()
+            r = run_case(case, one, timeout)
+            if r is not None:
+                rounds[case].append(r)
+                _progress(r, time.perf_counter() - t0)
+    return [merge(rs) for rs in rounds.values() if len(rs) == w.runs]
+
+
+def merge(rounds: list[Result]) -> Result:
+    """One Result from single-run subprocesses: medians of the runs, the largest peak RSS, the first
+    round's warm-up (a cold compile) and greedy tokens."""
+    r = Result(**{**asdict(rounds[0]), "runs": [run for x in rounds for run in x.runs]})
+    r.ttft_s, r.prefill_tok_s, r.decode_tok_s = (statistics.median(run[k] for run in r.runs) for k in range(3))
+    r.peak_rss_mb = max(x.peak_rss_mb for x in rounds)
+    r.load_s = statistics.median(x.load_s for x in rounds)
+    r.note = (r.note + f" warm-up in later rounds {min(x.warmup_s for x in rounds[1:]):.1f} s").strip() \
+        if len(rounds) > 1 else r.note
+    return r
+
+
+def _progress(r: Result, seconds: float):
+    print(f"  {r.engine} {r.model} {r.setting}: decode {r.decode_tok_s:.2f} tok/s, prefill {r.prefill_tok_s:.1f} "
+          f"tok/s ({seconds:.0f} s)", file=sys.stderr)
+
+
 def agreement(a: list[int], b: list[int]) -> tuple[float, int]:
     """(fraction of positions with the same token, length of the common prefix)."""
     n = min(len(a), len(b))
@@ -534,6 +579,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llama-cpp", metavar="PATH", help="llama.cpp's llama-bench binary (run on the GGUF)")
     p.add_argument("--gguf", metavar="PATH", help="the GGUF for --llama-cpp (default: the SmolLM2 one)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+    p.add_argument("--interleave", action="store_true",
+                   help="run the cases round-robin, one run per subprocess (fairer on a loaded machine)")
     p.add_argument("--json", metavar="FILE", help="write the rows (a list of objects) to FILE")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     p.add_argument("--quick", action="store_true",
@@ -563,14 +610,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"# {len(cases)} cases, {w.threads} threads, prompt {w.prompt_tokens}, {w.new_tokens} new tokens, "
           f"{w.runs} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
-    results = []
-    for case in cases:
-        t0 = time.perf_counter()
-        r = run_case(case, w, args.timeout)
-        if r is not None:
-            results.append(r)
-            print(f"  {case.engine} {case.model} {case.setting}: decode {r.decode_tok_s:.2f} tok/s, "
-                  f"prefill {r.prefill_tok_s:.1f} tok/s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    results = run_interleaved(cases, w, args.timeout) if args.interleave else run_all(cases, w, args.timeout)
     rows = annotate(results)
     load = os.getloadavg()
     print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)

@@ -52,9 +52,10 @@ class LocalGenerator(Generator):
     def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         self._check_batch(tokens.size(0))
         input_pos = torch.arange(start_pos, start_pos + tokens.size(1), device=self.device)
-        with torch.no_grad(), self._prefill_mode():
-            logits = self.model(tokens, input_pos)  # (B, T, V)
-        return self.sample(logits[:, -1])
+        with torch.no_grad(), self._prefill_mode(), _output_layer_detached(self.model) as output:
+            hidden = self.model(tokens, input_pos)  # (B, T, dim): the model passes through a missing output
+            logits = output(hidden[:, -1])  # (B, V)
+        return self.sample(logits)
 
     def decode_n_tokens(self, token: torch.Tensor, start_pos: int, n: int) -> Iterator[torch.Tensor]:
         for pos in range(start_pos, start_pos + n):
@@ -81,6 +82,19 @@ class LocalGenerator(Generator):
         if batch > self.max_batch:
             self.max_batch = batch
             self.model.setup_caches(batch, self.max_seq_len)
+
+
+@contextlib.contextmanager
+def _output_layer_detached(model: Transformer):
+    """Speed: run the prompt without the output layer and apply it to the last position only, as a
+    pipeline stage would; the other positions' logits are never used. For SmolLM2's 49k vocabulary
+    that is a fifth of a 512-token prefill's FLOPs. Yields the output layer; puts it back after."""
+    output = model.output
+    model.output = None
+    try:
+        yield output
+    finally:
+        model.output = output
 
 
 class _Float32Linears(TorchFunctionMode):
