@@ -13,7 +13,8 @@ setup(
     version="0.1.0",
     description="Run Llama-family language models with PyTorch: generate, chat, serve; local or distributed.",
     packages=find_packages(include=["torchchat", "torchchat.*"]),
-    package_data={"torchchat.server": ["static/*.html"]},  # the chat page
+    # the chat page; the CPU decode op's source, compiled at first use (torchchat/cpu_kernels.py)
+    package_data={"torchchat.server": ["static/*.html"], "torchchat": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=requirements,
     entry_points={"console_scripts": ["torchchat=torchchat.cli:main"]},

@@ -88,7 +88,9 @@ def test_quantized_tiny_model_generates(tiny_model, scheme):
     assert counts["quantized"] == 4 * 7 + 1 and counts["skipped"] == 0  # 7 linears a layer, and the output
     assert isinstance(gen.model.output, Int8Linear)  # int8 even under int4: it picks every token
     completion = gen.complete(Turn(gen.encode_prompt("Once upon a time"), GREEDY))[0]
-    assert len(completion.tokens) == 32 and all(0 <= t < tiny_model.args.vocab_size for t in completion.tokens)
+    # Random weights may reach a stop token before 32 (int8 at token 32 here): then it says so.
+    assert len(completion.tokens) == 32 or completion.finish_reason == "stop"
+    assert all(0 <= t < tiny_model.args.vocab_size for t in completion.tokens)
     assert completion.tokens[0] == reference.tokens[0]  # the prompt's argmax survives even int4 on random weights
 
 
@@ -100,11 +102,11 @@ def test_from_source_quantizes(tiny_model):
     assert len(gen.complete(Turn(gen.encode_prompt("Hi"), GREEDY))[0].tokens) == 32
 
 
-# Greedy agreement with float32 on the real model: the first 32 tokens of 3 chat prompts. Both kernels
-# take bf16 activations and return bf16, so quantized greedy text drifts from float32 about as much as a
-# bf16 model's does: near-ties flip. Measured here: int8 94%, int4 61% (the second prompt's first token
-# is a near-tie that bf16 flips too). Broken variants measured: int4 on the output layer as well 18%,
-# int8 with every scale 20% too large 19%.
+# Greedy agreement with float32 on the real model: the first 32 tokens of 3 chat prompts. Greedy text
+# drifts from float32 wherever a near-tie flips, and then the rest of that answer differs. Measured here:
+# int8 82% (79/96; one-row steps through torchchat::gemv in float32 with float32 scales), int4 62%
+# (60/96; bf16 activations). Broken variants measured: int4 on the output layer as well 18%, int8 with
+# every scale 20% too large 19%.
 AGREEMENT = {"int8": 0.8, "int4": 0.5}
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain what a CPU cache is."]
 

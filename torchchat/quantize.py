@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchchat import cpu_kernels
 from torchchat.model import ConfigError
 
 SCHEMES = ("int8", "int4")
@@ -38,6 +39,7 @@ _COMPUTE_DTYPE = torch.bfloat16  # the kernels' fast path
 # GEMM on a 512-token prompt, while dequantizing costs one pass over the weight.
 _PREFILL_ROWS = 32
 _SLICE_BYTES = 64 * 2**20  # float32 weight dequantized at a time on that path
+_FLOAT_LINEARS = (nn.Linear, cpu_kernels.GemvLinear)  # what quantize_model replaces
 
 
 class Int8Linear(nn.Module):
@@ -47,14 +49,14 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # (out, in) int8
-        self.register_buffer("scales", scales)  # (out,) bfloat16
+        self.register_buffer("scales", scales)  # (out,) float32: a bf16 scale would be off by up to 0.4% a row
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         w = linear.weight.detach().float()  # (out, in)
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # (out,)
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales.to(_COMPUTE_DTYPE))
+        return cls(q, scales)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])  # (out, in)
@@ -63,7 +65,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (B * T, in)
         if rows.size(0) >= _PREFILL_ROWS:
             return self._float32_linear(x)
-        y = torch.ops.aten._weight_int8pack_mm(rows.to(_COMPUTE_DTYPE), self.weight, self.scales)  # (B * T, out)
+        if cpu_kernels.supports(rows, self.weight):  # one row: see cpu_kernels
+            return torch.ops.torchchat.gemv(x, self.weight, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(rows.to(_COMPUTE_DTYPE), self.weight,
+                                               self.scales.to(_COMPUTE_DTYPE))  # (B * T, out)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _float32_linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,7 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = DEFAULT_I
     counts = {"quantized": 0, "skipped": 0}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child.bias is not None:
+            if type(child) not in _FLOAT_LINEARS or getattr(child, "bias", None) is not None:
                 continue
             full_name = f"{parent_name}.{name}" if parent_name else name
             new = _quantized(child, "int8" if full_name in INT8_ONLY else scheme, group_size)

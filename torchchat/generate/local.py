@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from torchchat import cpu_kernels
 from torchchat.generate.base import Generator
 from torchchat.model import Transformer
 
@@ -27,10 +28,13 @@ class LocalGenerator(Generator):
         self.model = model
         self.max_batch = max_batch
         model.setup_caches(max_batch, max_seq_len)
-        self._decode_step = self._forward_one
-        if compile:
-            step = self._forward_one_cpu if self.device.type == "cpu" else self._forward_one
-            self._decode_step = torch.compile(step, fullgraph=True, dynamic=False)
+        # Speed, CPU: one-row linears go to torch.ops.torchchat.gemv (see cpu_kernels); without it, a
+        # compiled step writes them as reductions (see _GemvAsReduction).
+        on_cpu = self.device.type == "cpu"
+        if on_cpu:
+            cpu_kernels.use_gemv(model)
+        step = self._forward_one_reduced if on_cpu and not cpu_kernels.available() else self._forward_one
+        self._decode_step = torch.compile(step, fullgraph=True, dynamic=False) if compile else self._forward_one
 
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, *, max_seq_len: int, max_batch: int = 1,
@@ -68,8 +72,8 @@ class LocalGenerator(Generator):
     def _forward_one(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.model(token, input_pos)[:, -1]  # (B, V)
 
-    def _forward_one_cpu(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """The decode step as compiled on CPU: one-row linears become Inductor reductions (see _GemvAsReduction)."""
+    def _forward_one_reduced(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The decode step as compiled on CPU without the gemv op (see _GemvAsReduction)."""
         with _GemvAsReduction():
             return self._forward_one(token, input_pos)
 
@@ -131,13 +135,10 @@ class _Float32Linears(TorchFunctionMode):
 
 
 class _GemvAsReduction(TorchFunctionMode):
-    """Speed, compiled CPU decode steps only: F.linear of a single row is written as multiply-and-sum.
-
-    Inductor turns that into one fused C++ loop, vectorized and split over the threads. A matrix-vector
-    product through MKL runs on one thread here (no faster with 2 threads than with 1), and oneDNN's bf16
-    one is compute-bound; as Inductor reductions, with 2 threads: fp32 9-15 -> 20-39 GB/s of weights,
-    bf16 25-28 -> 35-45 GB/s (fp32-equivalent; SmolLM2 and Llama 3.2 1B shapes). Traced by Dynamo, so
-    it costs nothing at run time; eager code never sees it (an unfused multiply would be slow there).
+    """Speed, compiled CPU decode steps without the gemv op: F.linear of a single row is written as
+    multiply-and-sum, which Inductor turns into one fused, vectorized, multi-threaded loop (MKL's
+    matrix-vector product runs on one thread here). Traced by Dynamo, so it costs nothing at run
+    time; eager code never sees it (an unfused multiply would be slow there).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -1,0 +1,130 @@
+"""Batch-1 CPU matrix-vector products: ``torch.ops.torchchat.gemv`` (``torchchat/csrc/gemv.cpp``).
+
+A decode step at batch 1 multiplies one row of activations by every weight matrix, so it is bound
+by how fast the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that:
+MKL's float32 matrix-vector product runs on one thread, and oneDNN (like Inductor's fused loop)
+converts bfloat16 at about half the memory's rate. ``gemv.cpp`` reads each weight once, converts it
+in registers and splits the rows over torch's threads; float32, bfloat16 and int8 (with a scale
+per row) weights.
+
+The op is compiled against the installed torch at first use (~10 s, once: the library is kept in
+``$TORCHCHAT_CACHE``, default ``~/.cache/torchchat``, keyed by source, torch version and compiler;
+Inductor needs the same compiler for ``--compile``) and loaded with ``torch.ops.load_library``.
+Without a compiler, on a CPU without AVX2, or with ``TORCHCHAT_CPU_KERNELS=0`` (for A/B
+measurements), ``available()`` is False and callers use torch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+_ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
+
+
+@torch.compiler.assume_constant_result  # Dynamo bakes the answer in rather than tracing the build
+def available() -> bool:
+    """Is ``torch.ops.torchchat.gemv`` loaded (built, AVX2, not switched off)?"""
+    return _load()
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Is ``x @ weight.T`` one row on CPU with a weight type and layout the op takes?"""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() == x.size(-1)
+            and weight.dim() == 2 and weight.size(1) == x.size(-1) and weight.dtype in WEIGHT_DTYPES
+            and weight.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and available())
+
+
+@functools.cache
+def _load() -> bool:
+    if os.environ.get(_ENV_SWITCH, "1") == "0" or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return False
+    try:
+        torch.ops.load_library(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        reason = detail.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+        print(f"torchchat: CPU decode kernels unavailable ({reason[0]}); using torch's", file=sys.stderr)
+        return False
+    torch.library.register_fake("torchchat::gemv")(_gemv_shape)
+    return True
+
+
+def _gemv_shape(x, weight, scale=None):
+    """The op's output for tracing (Dynamo, Inductor): (..., out) in x's dtype."""
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+def _build() -> Path:
+    """The shared library for this source, torch and compiler; compiled once, shared by processes."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise OSError("no C++ compiler (c++ or g++) on PATH")
+    torch_lib = Path(torch.__file__).parent / "lib"
+    command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+               *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()), str(SOURCE),
+               f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command + [torch.__version__]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCHCHAT_CACHE", Path.home() / ".cache" / "torchchat"))
+    target = cache / f"gemv-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print("torchchat: building the CPU decode kernels (once, ~10 s)", file=sys.stderr)
+        # Compile to a private name, then rename: ranks starting together never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run(command + ["-o", tmp], check=True, capture_output=True)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+class GemvLinear(torch.nn.Module):
+    """A bias-free linear layer that sends a one-row input (a batch-1 decode step) to the op.
+
+    Holds the very ``weight`` Parameter of the layer it replaces (a tied output layer stays tied) and
+    gives every other input (a prompt, several sequences) to ``F.linear``, so prefill is unchanged.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter):
+        super().__init__()
+        self.weight = weight  # (out, in)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and supports(x, self.weight):
+            return torch.ops.torchchat.gemv(x, self.weight)  # (..., out)
+        return torch.nn.functional.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, one-row gemv"
+
+
+def use_gemv(model: torch.nn.Module) -> int:
+    """Replace, in place, the model's bias-free ``nn.Linear`` layers (exactly that type: quantized ones
+    call the op themselves) with ``GemvLinear``. Returns how many; 0 where the op is unavailable."""
+    if not available():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child.bias is None:
+                setattr(parent, name, GemvLinear(child.weight))
+                count += 1
+    return count
