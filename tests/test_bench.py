@@ -1,4 +1,4 @@
-"""benchmarks/bench.py: the --quick smoke run end to end, and the pieces that need no model."""
+"""benchmarks/bench.py: the --quick smoke run end to end, and its pieces (benchmarks/benchlib) that need no model."""
 
 import importlib.util
 import json
@@ -12,14 +12,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
 KEYS = ("engine", "model", "dtype", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+sys.path.insert(0, str(BENCH.parent))  # benchlib, as bench.py finds it when run as a script
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from benchlib.cases import Result  # noqa: E402
+from benchlib.llama_cpp_engine import gguf_type, parse_llama_bench  # noqa: E402
+from benchlib.report import agreement, annotate  # noqa: E402
+from benchlib.transformers_engine import to_hf_state_dict  # noqa: E402
+from benchlib.weights import random_state_dict  # noqa: E402
 
 
 def test_quick_run_writes_well_formed_json(tmp_path):
@@ -44,13 +43,12 @@ def test_quick_run_writes_well_formed_json(tmp_path):
 
 def test_hf_names_and_rotary_layout_round_trip():
     """bench's conversion to Hugging Face names is the inverse of the checkpoint loader's."""
-    bench = load_bench()
     from torchchat.checkpoints.huggingface import unpermute
     from torchchat.model import ModelArgs
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=96)
-    state = bench.random_state_dict(args, torch.float32)
-    hf = bench.to_hf_state_dict(state, args)
+    state = random_state_dict(args, torch.float32)
+    hf = to_hf_state_dict(state, args)
     assert set(hf) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
         f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -61,26 +59,40 @@ def test_hf_names_and_rotary_layout_round_trip():
 
 
 def test_random_weights_are_the_same_in_every_dtype():
-    bench = load_bench()
     from torchchat.model import ModelArgs
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=64, tie_embeddings=True)
-    fp32, bf16 = bench.random_state_dict(args, torch.float32), bench.random_state_dict(args, torch.bfloat16)
+    fp32, bf16 = random_state_dict(args, torch.float32), random_state_dict(args, torch.bfloat16)
     assert all(torch.equal(fp32[k].bfloat16(), bf16[k]) for k in fp32)
     assert fp32["output.weight"] is fp32["tok_embeddings.weight"]
 
 
 def test_llama_bench_json_is_parsed():
-    bench = load_bench()
     stdout = "build: ...\n" + json.dumps([
         {"model_filename": "m.gguf", "n_prompt": 512, "n_gen": 0, "avg_ts": 210.5},
         {"model_filename": "m.gguf", "n_prompt": 0, "n_gen": 128, "avg_ts": 41.25},
     ])
-    assert bench.parse_llama_bench(stdout) == (210.5, 41.25)
+    assert parse_llama_bench(stdout) == (210.5, 41.25)
 
 
 @pytest.mark.parametrize("a, b, expected", [([1, 2, 3, 4], [1, 2, 3, 4], (1.0, 4)),
                                             ([1, 2, 3, 4], [1, 2, 9, 4], (0.75, 2)),
                                             ([1, 2], [], (0.0, 0))])
 def test_agreement(a, b, expected):
-    assert load_bench().agreement(a, b) == expected
+    assert agreement(a, b) == expected
+
+
+@pytest.mark.parametrize("name, expected", [("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"), ("smollm2-F32.gguf", "F32"),
+                                            ("m-q8_0.gguf", "Q8_0"), ("model.gguf", "gguf")])
+def test_gguf_type_from_the_file_name(name, expected):
+    assert gguf_type(name) == expected
+
+
+def test_each_setting_is_compared_with_llama_cpp_on_the_matching_file_type():
+    def result(engine, dtype, setting, decode):
+        return Result(engine, "smollm2-135m", dtype, setting, decode_tok_s=decode)
+
+    rows = annotate([result("torchchat", "fp32", "fp32 compile", 30.0), result("torchchat", "fp32", "fp32 int4 compile", 50.0),
+                     result("torchchat", "bf16", "bf16", 20.0), result("llama.cpp", "F32", "F32", 25.0),
+                     result("llama.cpp", "Q4_1", "Q4_1", 40.0)])
+    assert [r.get("decode_vs_llama_cpp") for r in rows] == [1.2, 1.25, None, None, None]

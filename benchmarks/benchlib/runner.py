@@ -1,0 +1,109 @@
+"""One subprocess per case: the parent's loops (run_case, run_all, run_interleaved, merge) and the
+worker's entry (worker_main), which talk through one ``RESULT {json}`` line on the worker's stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchlib.cases import Case, Result, Workload
+from benchlib.llama_cpp_engine import run_llama_cpp
+from benchlib.torchchat_engine import run_torchchat
+from benchlib.transformers_engine import run_transformers
+
+# The worker is the entry point run again (``bench.py --worker SPEC``), so that it sets up sys.path as
+# the parent did.
+ENTRY_POINT = Path(__file__).resolve().parent.parent / "bench.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one engine, one setting, in this (fresh) process
+
+
+WORKERS = {"torchchat": run_torchchat, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+
+
+def worker_main(spec: str) -> int:
+    import torch
+
+    job = json.loads(spec)
+    case, w = Case(**job["case"]), Workload(**job["workload"])
+    torch.set_num_threads(w.threads)
+    result = WORKERS[case.engine](case, w)
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: one subprocess per case
+
+
+def run_case(case: Case, w: Workload, timeout: float) -> Result | None:
+    spec = json.dumps({"case": asdict(case), "workload": asdict(w)})
+    env = dict(os.environ, OMP_NUM_THREADS=str(w.threads), MKL_NUM_THREADS=str(w.threads),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    try:
+        proc = subprocess.run([sys.executable, str(ENTRY_POINT), "--worker", spec], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {case.engine} {case.model} {case.setting}: timed out after {timeout:.0f} s", file=sys.stderr)
+        return None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n    ".join(proc.stderr.strip().splitlines()[-8:])
+        print(f"  {case.engine} {case.model} {case.setting}: failed (exit {proc.returncode})\n    {tail}",
+              file=sys.stderr)
+        return None
+    return Result(**json.loads(lines[-1][len("RESULT "):]))
+
+
+def run_all(cases: list[Case], w: Workload, timeout: float) -> list[Result]:
+    """Each case in one subprocess: warm-up, then all its runs."""
+    results = []
+    for case in cases:
+        t0 = time.perf_counter()
+        r = run_case(case, w, timeout)
+        if r is not None:
+            results.append(r)
+            _progress(r, time.perf_counter() - t0)
+    return results
+
+
+def run_interleaved(cases: list[Case], w: Workload, timeout: float) -> list[Result]:
+    """--interleave: ``w.runs`` rounds, each running every case once in a fresh subprocess, so that a
+    change in the machine's load (a shared machine) falls on every engine alike. The cost is a load
+    and a warm-up per round; compiled cases find Inductor's on-disk cache warm after the first."""
+    one = Workload(**{**asdict(w), "runs": 1})
+    rounds: dict[Case, list[Result]] = {case: [] for case in cases}
+    for i in range(w.runs):
+        print(f"# round {i + 1}/{w.runs}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        for case in cases:
+            t0 = time.perf_counter()
+            r = run_case(case, one, timeout)
+            if r is not None:
+                rounds[case].append(r)
+                _progress(r, time.perf_counter() - t0)
+    return [merge(rs) for rs in rounds.values() if len(rs) == w.runs]
+
+
+def merge(rounds: list[Result]) -> Result:
+    """One Result from single-run subprocesses: medians of the runs, the largest peak RSS, the first
+    round's warm-up (a cold compile) and greedy tokens."""
+    r = Result(**{**asdict(rounds[0]), "runs": [run for x in rounds for run in x.runs]})
+    r.ttft_s, r.prefill_tok_s, r.decode_tok_s = (statistics.median(run[k] for run in r.runs) for k in range(3))
+    r.peak_rss_mb = max(x.peak_rss_mb for x in rounds)
+    r.load_s = statistics.median(x.load_s for x in rounds)
+    r.note = (r.note + f" warm-up in later rounds {min(x.warmup_s for x in rounds[1:]):.1f} s").strip() \
+        if len(rounds) > 1 else r.note
+    return r
+
+
+def _progress(r: Result, seconds: float):
+    print(f"  {r.engine} {r.model} {r.setting}: decode {r.decode_tok_s:.2f} tok/s, prefill {r.prefill_tok_s:.1f} "
+          f"tok/s ({seconds:.0f} s)", file=sys.stderr)
