@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
+SLICE_BYTES = 64 * 2**20  # float32 weight that float32_linear converts at a time
 
 
 @torch.compiler.assume_constant_result  # Dynamo bakes the answer in rather than tracing the build
@@ -93,6 +94,21 @@ def _build() -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return target
+
+
+def float32_linear(x: torch.Tensor, out_features: int, weight_rows, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` as float32 GEMMs, for many-row inputs (prompts) whose weight is stored in a
+    format torch's fast GEMM does not take (bf16 without native instructions, int8). ``weight_rows(start,
+    end)`` gives rows [start, end) of W in float32; they are converted a slice at a time, so the transient
+    copy stays small even for a 128k-row output layer. Returns (..., out_features) in x's dtype."""
+    xf = x.float()
+    out = x.new_empty(*x.shape[:-1], out_features)  # (..., out_features)
+    step = max(1, SLICE_BYTES // (4 * x.size(-1)))
+    for start in range(0, out_features, step):
+        end = min(start + step, out_features)
+        part = torch.nn.functional.linear(xf, weight_rows(start, end))  # (..., end - start), float32
+        out[..., start:end] = part if bias is None else part + bias[start:end].float()
+    return out
 
 
 class GemvLinear(torch.nn.Module):

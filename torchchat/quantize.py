@@ -1,16 +1,19 @@
-"""Weight-only int8 and int4 quantization of the linear layers, through PyTorch's own CPU kernels.
+"""Weight-only int8 and int4 quantization of the linear layers, through CPU kernels (PyTorch's, and
+torchchat's gemv op for int8 decode steps).
 
 ``quantize_model(model, "int8" | "int4")`` replaces, in place, every ``nn.Linear`` whose shape the
-kernel supports with a quantized linear; activations, norms, attention and the KV cache keep the
-model's dtype. A batch-1 decode step reads every weight once per token, so fewer weight bytes are
-fewer bytes to stream from memory:
+kernel supports with a quantized linear; activations, norms and attention keep the model's dtype.
+A batch-1 decode step reads every weight once per token, so fewer weight bytes are fewer bytes to
+stream from memory:
 
-- int8: one scale per output row (symmetric), ``aten._weight_int8pack_mm``. 1 byte per weight.
+- int8: one float32 scale per output row (symmetric). 1 byte per weight. A one-row input (a decode
+  step) goes to ``torch.ops.torchchat.gemv`` (see cpu_kernels), in float32; without it, to
+  ``aten._weight_int8pack_mm``.
 - int4: groups of ``group_size`` weights along the input dimension share a scale and a zero point
   (asymmetric, min-max), ``aten._weight_int4pack_mm_for_cpu``. Half a byte per weight.
 
-Both kernels are fast only with bfloat16 activations on AVX2 machines (their float32 path is
-scalar, about 10x slower), so the quantized linears compute in bfloat16 and cast back. An int8
+The aten kernels are fast only with bfloat16 activations on AVX2 machines (their float32 path is
+scalar, about 10x slower), so those calls compute in bfloat16 and cast back. An int8
 linear given a long input (a prompt) dequantizes and uses a float32 GEMM instead, which is faster
 (see ``_PREFILL_ROWS``).
 The output layer is int8 under both schemes (see ``INT8_ONLY``); when it is tied to the
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from torchchat import cpu_kernels
 from torchchat.model import ConfigError
@@ -38,7 +40,6 @@ _COMPUTE_DTYPE = torch.bfloat16  # the kernels' fast path
 # matmul: the weight-only kernels are made for matrix-vector products and are ~2x slower than MKL's
 # GEMM on a 512-token prompt, while dequantizing costs one pass over the weight.
 _PREFILL_ROWS = 32
-_SLICE_BYTES = 64 * 2**20  # float32 weight dequantized at a time on that path
 _FLOAT_LINEARS = (nn.Linear, cpu_kernels.GemvLinear)  # what quantize_model replaces
 
 
@@ -73,14 +74,10 @@ class Int8Linear(nn.Module):
 
     def _float32_linear(self, x: torch.Tensor) -> torch.Tensor:
         """A long input: float32 GEMM on the weight dequantized a slice of rows at a time (bounded memory)."""
-        xf = x.float()
-        out = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out), in x's dtype
-        step = max(1, _SLICE_BYTES // (4 * self.in_features))
-        for start in range(0, self.out_features, step):
-            end = min(start + step, self.out_features)
-            w = self.weight[start:end].float() * self.scales[start:end].float()[:, None]  # (end - start, in)
-            out[..., start:end] = F.linear(xf, w)
-        return out
+        def weight_rows(start: int, end: int) -> torch.Tensor:
+            return self.weight[start:end].float() * self.scales[start:end].float()[:, None]  # (end - start, in)
+
+        return cpu_kernels.float32_linear(x, self.out_features, weight_rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

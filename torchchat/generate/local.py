@@ -106,12 +106,11 @@ class _Float32Linears(TorchFunctionMode):
 
     Without native bf16 instructions (AVX2) oneDNN's bf16 GEMM is ~8x slower than MKL's float32 one
     (512 x 576 x 1536: 93 ms vs 12 ms); converting the weight costs one pass over it. The sum is
-    accumulated in float32 either way. The weight is converted a slice of rows at a time, so the
-    transient float32 copy stays small even for a 128k-row output layer.
+    accumulated in float32 either way. The weight is converted a slice of rows at a time
+    (``cpu_kernels.float32_linear``).
     """
 
     MIN_ROWS = 16  # below this (decode steps) the weight read dominates: keep bf16
-    SLICE_BYTES = 64 * 2**20
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,14 +123,7 @@ class _Float32Linears(TorchFunctionMode):
         return x.dtype in reduced and weight.dtype in reduced and x.numel() // x.size(-1) >= self.MIN_ROWS
 
     def _linear(self, x, weight, bias=None):
-        xf = x.float()
-        out = x.new_empty(*x.shape[:-1], weight.size(0))  # (..., out_features), in x's dtype
-        rows = max(1, self.SLICE_BYTES // (4 * weight.size(1)))
-        for start in range(0, weight.size(0), rows):
-            end = min(start + rows, weight.size(0))
-            part = F.linear(xf, weight[start:end].float())  # (..., end - start), float32
-            out[..., start:end] = part if bias is None else part + bias[start:end].float()
-        return out
+        return cpu_kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float(), bias)
 
 
 class _GemvAsReduction(TorchFunctionMode):
