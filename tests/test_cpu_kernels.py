@@ -1,5 +1,6 @@
-"""The batch-1 CPU op torch.ops.torchchat.gemv (torchchat/csrc/gemv.cpp): results against float64, the op
-under Dynamo, the decode step routed through it, its build cache and its fallbacks (switched off, no compiler)."""
+"""The batch-1 CPU ops torch.ops.torchchat.gemv and decode_attention (torchchat/csrc/): results against float64,
+the ops under Dynamo, the decode step routed through them, their build cache and their fallbacks (switched off,
+no compiler)."""
 
 import os
 import shutil
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from tests.generators import local_generator, tiny_source
 from torchchat import cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
-from torchchat.quantize import Int8Linear
+from torchchat.quantize import Int4Linear, Int8Linear
 
 # Where both are present (this project's machines) a failed build fails the tests rather than skipping them.
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
@@ -92,6 +93,60 @@ def test_int8_linear_one_row_uses_the_kernel_with_its_scales(monkeypatch):
     assert len(calls) == 1
 
 
+# ----- gemv_int4 -----
+
+def int4_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    """What gemv_int4 computes, in float64: the dequantized weight times x quantized to int8 in blocks of 32
+    (float32 rounding steps as the op takes them)."""
+    blocks = x.reshape(-1, 32)  # (in / 32, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (in / 32, 1)
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    x_quantized = (torch.round(blocks * inverse) * d).reshape(1, -1)  # (1, in)
+    return x_quantized.double() @ layer.dequantize().double().T  # (1, out)
+
+
+@pytest.mark.parametrize("out_features,in_features,group_size", [(1, 32, 32), (37, 64, 32), (96, 256, 64),
+                                                                 (1536, 576, 32), (64, 512, 256)])
+def test_gemv_int4_matches_float64_reference(out_features, in_features, group_size):
+    """The op against its definition in float64 (same grid, same scales, same int8 activations), and close to
+    the product with unrounded activations (~0.5% measured)."""
+    torch.manual_seed(out_features + in_features)
+    layer = Int4Linear.from_linear(torch.nn.Linear(in_features, out_features, bias=False), group_size)
+    x = torch.randn(1, 1, in_features)
+    if in_features > 32:
+        x[..., :32] = 0  # a block of zeros: its scale is 0, not a division by zero
+    y = torch.ops.torchchat.gemv_int4(x, layer.packed, layer.scales_and_mins, group_size)
+    assert y.shape == (1, 1, out_features) and y.dtype == torch.float32
+    ref = int4_reference(layer, x)
+    torch.testing.assert_close(y.view(1, -1).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    if out_features > 1:  # one dot product of 32 terms can be off by 2%; many are ~0.5% (measured)
+        exact = F.linear(x.double(), layer.dequantize().double())
+        assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_gemv_int4_bad_input_is_a_clear_error():
+    layer = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), 32)
+    with pytest.raises(RuntimeError, match="group_size \\(48\\) must be a multiple of 32"):
+        torch.ops.torchchat.gemv_int4(torch.randn(1, 64), layer.packed, layer.scales_and_mins, 48)
+    with pytest.raises(RuntimeError, match="one row of 64 values"):
+        torch.ops.torchchat.gemv_int4(torch.randn(2, 64), layer.packed, layer.scales_and_mins, 32)
+    with pytest.raises(RuntimeError, match="float16"):
+        torch.ops.torchchat.gemv_int4(torch.randn(1, 64), layer.packed, layer.scales_and_mins.float(), 32)
+
+
+def test_int4_linear_one_row_uses_the_kernel_and_traces(monkeypatch):
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(torch.nn.Linear(128, 48, bias=False), 32)
+    x = torch.randn(1, 1, 128)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x).view(1, -1).double(), int4_reference(layer, x), rtol=1e-5, atol=1e-5)
+    calls = []
+    real = torch.ops.torchchat.gemv_int4
+    monkeypatch.setattr(torch.ops.torchchat, "gemv_int4", lambda *a: calls.append(a) or real(*a))
+    layer(x)
+    assert len(calls) == 1
+
+
 def test_decode_through_the_kernels_gives_the_same_greedy_tokens(tiny_model, monkeypatch):
     """LocalGenerator on CPU routes one-row linears to the op; switched off, they take torch's F.linear."""
     gen = local_generator(tiny_source(tiny_model))
@@ -105,6 +160,85 @@ def test_decode_through_the_kernels_gives_the_same_greedy_tokens(tiny_model, mon
     assert with_kernels == without and len(with_kernels) == GREEDY.max_new_tokens
 
 
+# ----- decode_attention -----
+
+def attention_reference(q, k_cache, v_cache, position: int) -> torch.Tensor:
+    """float64 softmax attention of q over cache positions [0, position], grouped heads expanded."""
+    group = q.size(1) // k_cache.size(1)
+    k = k_cache[:, :, :position + 1].double().repeat_interleave(group, dim=1)  # (B, n_heads, len, head_dim)
+    v = v_cache[:, :, :position + 1].double().repeat_interleave(group, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) / q.size(-1) ** 0.5  # (B, n_heads, 1, len)
+    return scores.softmax(-1) @ v  # (B, n_heads, 1, head_dim)
+
+
+# (batch, heads, kv heads, cache length, head dim, position): the first and the last cache position, grouped
+# heads, a head dim with a scalar tail, a length with one, and SmolLM2's and Llama 3.2 1B's shapes.
+@pytest.mark.parametrize("shape", [(1, 4, 4, 33, 16, 0), (1, 9, 3, 640, 64, 600), (2, 6, 2, 50, 24, 49),
+                                   (1, 3, 1, 20, 5, 8), (1, 32, 8, 640, 64, 639)])
+def test_decode_attention_matches_float64_reference(shape):
+    batch, heads, kv_heads, length, head_dim, position = shape
+    torch.manual_seed(length + position)
+    q = torch.randn(batch, heads, 1, head_dim) * 3  # larger scores: the softmax's exp is exercised
+    k, v = torch.randn(2, batch, kv_heads, length, head_dim).unbind(0)
+    k[:, :, position + 1:] = float("nan")  # positions after the current one must not be read
+    out = torch.ops.torchchat.decode_attention(q, k.contiguous(), v.contiguous(), torch.tensor([position]))
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, position), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_takes_and_returns_the_query_dtype():
+    q = torch.randn(1, 2, 1, 8).bfloat16()
+    k, v = torch.randn(2, 1, 2, 10, 8).unbind(0)
+    out = torch.ops.torchchat.decode_attention(q, k.contiguous(), v.contiguous(), torch.tensor([4]))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), attention_reference(q.float(), k, v, 4), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_attention_bad_input_is_a_clear_error():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 10, 8)
+    with pytest.raises(RuntimeError, match="position 10 is outside the cache"):
+        torch.ops.torchchat.decode_attention(q, k, k, torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="caches must be contiguous float32"):
+        torch.ops.torchchat.decode_attention(q, k.bfloat16(), k.bfloat16(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="heads a multiple of kv_heads"):
+        torch.ops.torchchat.decode_attention(torch.randn(1, 3, 1, 8), k, k, torch.tensor([1]))
+
+
+def test_decode_attention_traces_without_a_graph_break():
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    step = torch.compile(lambda q, k, v, pos: torch.ops.torchchat.decode_attention(q, k, v, pos) + 1,
+                         fullgraph=True, backend="aot_eager")
+    for position in (3, 7):  # one graph: the position is data, not a shape
+        torch.testing.assert_close(step(q, k, v, torch.tensor([position])).double(),
+                                   attention_reference(q, k, v, position) + 1, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_uses_the_attention_kernel_and_gives_the_same_greedy_tokens(tiny_model):
+    """Every attention layer of a CPU LocalGenerator takes the op for decode steps; without it, SDPA."""
+    gen = local_generator(tiny_source(tiny_model))
+    layers = [layer.attention for layer in gen.model.layers.values()]
+    assert all(a.decode_attention is torch.ops.torchchat.decode_attention for a in layers)
+    calls = []
+    for a in layers:
+        a.decode_attention = lambda *args: calls.append(1) or torch.ops.torchchat.decode_attention(*args)
+    with_kernel = gen.complete(Turn(gen.encode_prompt("Once upon a time"), GREEDY))[0].tokens
+    assert len(calls) == len(layers) * (GREEDY.max_new_tokens - 1)  # every decode step, every layer
+    for a in layers:
+        a.decode_attention = None
+    without = gen.complete(Turn(gen.encode_prompt("Once upon a time"), GREEDY))[0].tokens
+    assert with_kernel == without and len(with_kernel) == GREEDY.max_new_tokens
+
+
+def test_attention_kernel_needs_float32_caches(tiny_model):
+    from torchchat.model import Transformer
+
+    model = Transformer(tiny_model.args)
+    model.setup_caches(1, 32, dtype=torch.bfloat16)
+    assert cpu_kernels.use_decode_attention(model) == 0
+    model.setup_caches(1, 64)
+    assert cpu_kernels.use_decode_attention(model) == tiny_model.args.n_layers
+
+
 def _available_in_subprocess(tmp_path, **env) -> subprocess.CompletedProcess:
     code = "from torchchat import cpu_kernels; print(cpu_kernels.available())"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -114,7 +248,7 @@ def _available_in_subprocess(tmp_path, **env) -> subprocess.CompletedProcess:
 def test_built_once_into_the_cache(tmp_path):
     first = _available_in_subprocess(tmp_path)
     assert first.stdout.strip() == "True", first.stderr
-    built = list(tmp_path.glob("gemv-*.so"))
+    built = list(tmp_path.glob("kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     assert _available_in_subprocess(tmp_path).stdout.strip() == "True"

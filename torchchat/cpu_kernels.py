@@ -1,4 +1,6 @@
-"""Batch-1 CPU matrix-vector products: ``torch.ops.torchchat.gemv`` (``torchchat/csrc/gemv.cpp``).
+"""Batch-1 CPU decode kernels: ``torch.ops.torchchat.gemv`` (``torchchat/csrc/gemv.cpp``), matrix-vector
+products, and ``torch.ops.torchchat.decode_attention`` (``csrc/decode_attention.cpp``), one query
+position over the filled part of the KV cache.
 
 A decode step at batch 1 multiplies one row of activations by every weight matrix, so it is bound
 by how fast the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that:
@@ -28,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp"))
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
 SLICE_BYTES = 64 * 2**20  # float32 weight that float32_linear converts at a time
@@ -61,12 +63,24 @@ def _load() -> bool:
         print(f"torchchat: CPU decode kernels unavailable ({reason[0]}); using torch's", file=sys.stderr)
         return False
     torch.library.register_fake("torchchat::gemv")(_gemv_shape)
+    torch.library.register_fake("torchchat::gemv_int4")(_gemv_int4_shape)
+    torch.library.register_fake("torchchat::decode_attention")(_decode_attention_shape)
     return True
 
 
 def _gemv_shape(x, weight, scale=None):
     """The op's output for tracing (Dynamo, Inductor): (..., out) in x's dtype."""
     return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+def _gemv_int4_shape(x, packed, scales_and_mins, group_size):
+    """The op's output for tracing: (..., out) in x's dtype."""
+    return x.new_empty(*x.shape[:-1], packed.size(0))
+
+
+def _decode_attention_shape(q, k_cache, v_cache, input_pos):
+    """The op's output for tracing: q's shape and dtype."""
+    return torch.empty_like(q)
 
 
 def _build() -> Path:
@@ -76,11 +90,12 @@ def _build() -> Path:
         raise OSError("no C++ compiler (c++ or g++) on PATH")
     torch_lib = Path(torch.__file__).parent / "lib"
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-               *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()), str(SOURCE),
+               *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()), *(str(source) for source in SOURCES),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(command + [torch.__version__]).encode()).hexdigest()[:16]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join(command + [torch.__version__]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TORCHCHAT_CACHE", Path.home() / ".cache" / "torchchat"))
-    target = cache / f"gemv-{key}.so"
+    target = cache / f"kernels-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         print("torchchat: building the CPU decode kernels (once, ~10 s)", file=sys.stderr)
@@ -143,4 +158,22 @@ def use_gemv(model: torch.nn.Module) -> int:
             if type(child) is torch.nn.Linear and child.bias is None:
                 setattr(parent, name, GemvLinear(child.weight))
                 count += 1
+    return count
+
+
+def use_decode_attention(model: torch.nn.Module) -> int:
+    """Send the model's one-position attention steps to ``torch.ops.torchchat.decode_attention``, which
+    reads only the filled cache positions (a compiled step's shapes stay static). Needs float32 CPU
+    caches (``Transformer.setup_caches`` first). Returns how many attention layers; 0 where unavailable."""
+    from torchchat.model import Attention
+
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        cache = getattr(module, "kv_cache", None)
+        if isinstance(module, Attention) and cache is not None and cache.k.dtype == torch.float32 \
+                and cache.k.device.type == "cpu":
+            module.decode_attention = torch.ops.torchchat.decode_attention
+            count += 1
     return count

@@ -176,6 +176,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        # Optional kernel for a one-position step, (q, k_cache, v_cache, input_pos) -> (B, n_heads, 1,
+        # head_dim), over the filled cache positions only (cpu_kernels.use_decode_attention sets it).
+        self.decode_attention = None
 
     def forward(self, x, rope, mask, input_pos):
         bsz, seqlen, _ = x.shape
@@ -185,9 +188,12 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
-        # Speed: only the cache positions the mask covers (see Transformer.forward; all of them when compiled).
-        k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
-        out = _attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
+        if seqlen == 1 and self.decode_attention is not None:
+            out = self.decode_attention(q, k, v, input_pos)  # (B, n_heads, 1, head_dim)
+        else:
+            # Speed: only the cache positions the mask covers (see Transformer.forward; all when compiled).
+            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
+            out = _attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, n_heads * head_dim)
         return self.wo(out)
 
@@ -296,6 +302,8 @@ class Transformer(nn.Module):
 
 def _out_features(linear: nn.Module) -> int:
     """Rows of a linear weight as this process holds them (a TP shard holds fewer)."""
-    weight = linear.weight
+    weight = getattr(linear, "weight", None)
+    if weight is None:  # a quantized layer that packs its weight (quantize.Int4Linear): one process, whole
+        return linear.out_features
     local = getattr(weight, "to_local", None)
     return (local() if local else weight).shape[0]

@@ -1,5 +1,5 @@
-"""Weight-only int8 and int4 quantization of the linear layers, through CPU kernels (PyTorch's, and
-torchchat's gemv op for int8 decode steps).
+"""Weight-only int8 and int4 quantization of the linear layers, through CPU kernels (torchchat's
+gemv ops for decode steps, PyTorch's where those are unavailable).
 
 ``quantize_model(model, "int8" | "int4")`` replaces, in place, every ``nn.Linear`` whose shape the
 kernel supports with a quantized linear; activations, norms and attention keep the model's dtype.
@@ -9,13 +9,16 @@ stream from memory:
 - int8: one float32 scale per output row (symmetric). 1 byte per weight. A one-row input (a decode
   step) goes to ``torch.ops.torchchat.gemv`` (see cpu_kernels), in float32; without it, to
   ``aten._weight_int8pack_mm``.
-- int4: groups of ``group_size`` weights along the input dimension share a scale and a zero point
-  (asymmetric, min-max), ``aten._weight_int4pack_mm_for_cpu``. Half a byte per weight.
+- int4: groups of ``group_size`` weights along the input dimension share a scale and a min
+  (asymmetric, min-max; llama.cpp's Q4_1 with groups of 32), float16 scales and mins: 0.625 bytes a
+  weight. ``Int4Linear`` sends a one-row input to ``torch.ops.torchchat.gemv_int4``, which rounds the
+  activations to int8 in blocks of 32 for integer dot products (as llama.cpp does; ~0.5% error a
+  product). Without the op, ``Int4PackedLinear`` holds the same grid for ``aten._weight_int4pack_mm_for_cpu``.
 
 The aten kernels are fast only with bfloat16 activations on AVX2 machines (their float32 path is
-scalar, about 10x slower), so those calls compute in bfloat16 and cast back. An int8
-linear given a long input (a prompt) dequantizes and uses a float32 GEMM instead, which is faster
-(see ``_PREFILL_ROWS``).
+scalar, about 10x slower), so those calls compute in bfloat16 and cast back. A quantized linear
+given a long input (a prompt) dequantizes a slice of rows at a time and uses a float32 GEMM
+instead, which is faster (see ``_PREFILL_ROWS``; Int4Linear does so for any input of several rows).
 The output layer is int8 under both schemes (see ``INT8_ONLY``); when it is tied to the
 embedding (SmolLM2, Llama 3.2) it is quantized on its own, and the embedding table, read one row
 per token, stays as it is.
@@ -83,8 +86,65 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def _int4_grid(linear: nn.Linear, group_size: int):
+    """Min-max 4-bit grid per group of ``group_size`` inputs: W ~ q * scale + low, q in [0, 15].
+    Returns q (out, in) int32, scale and low (out, in / group_size) float32."""
+    w = linear.weight.detach().float()  # (out, in)
+    out_features, in_features = w.shape
+    groups = w.reshape(out_features, in_features // group_size, group_size)  # (out, n_groups, g)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, n_groups)
+    scale = ((high - low) / 15).clamp(min=1e-10)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(out_features, in_features), scale, low
+
+
 class Int4Linear(nn.Module):
-    """y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n], q in [0, 15].
+    """y = x @ W.T with W[n, k] = q[n, k] * scale[n, k // g] + min[n, k // g], q in [0, 15] (llama.cpp's
+    Q4_1 layout, groups of g inputs), stored as ``torch.ops.torchchat.gemv_int4`` reads it.
+
+    ``packed`` is (out, in / 2) uint8: in each block of 32 weights of a row, byte j holds q[j] in its low
+    half and q[j + 16] in its high half. ``scales_and_mins`` is (out, in / g, 2) float16. A one-row input
+    (a decode step) goes to the op; longer ones (prompts) dequantize a slice of rows at a time for a
+    float32 GEMM. Where the op is unavailable, quantize_model uses Int4PackedLinear (aten's kernel).
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_and_mins: torch.Tensor, group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = packed.size(0), 2 * packed.size(1)
+        self.group_size = group_size
+        self.register_buffer("packed", packed)  # (out, in / 2) uint8
+        self.register_buffer("scales_and_mins", scales_and_mins)  # (out, in / group_size, 2) float16
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        q, scale, low = _int4_grid(linear, group_size)
+        blocks = q.to(torch.uint8).view(q.size(0), -1, 2, 16)  # (out, in / 32, 2, 16): two halves of a block
+        packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.size(0), -1)  # (out, in / 2)
+        scales_and_mins = torch.stack([scale, low], dim=-1).to(torch.float16)  # (out, n_groups, 2)
+        return cls(packed.contiguous(), scales_and_mins.contiguous(), group_size)
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) of W in float32: (end - start, in)."""
+        p = self.packed[start:end]  # (rows, in / 2)
+        blocks = p.view(p.size(0), -1, 16)  # (rows, in / 32, 16)
+        q = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (rows, in / 32, 32): a block's 32 values in order
+        q = q.view(p.size(0), -1, self.group_size).float()  # (rows, n_groups, g)
+        sm = self.scales_and_mins[start:end].float()  # (rows, n_groups, 2)
+        return (q * sm[..., :1] + sm[..., 1:]).view(p.size(0), self.in_features)  # (rows, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.device.type == "cpu" and cpu_kernels.available():
+            return torch.ops.torchchat.gemv_int4(x, self.packed, self.scales_and_mins, self.group_size)
+        return cpu_kernels.float32_linear(x, self.out_features, self.dequantize)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4, "
+                f"group_size={self.group_size}")
+
+
+class Int4PackedLinear(nn.Module):
+    """Int4Linear's weights in ``aten._weight_int4pack_mm_for_cpu``'s layout, for where torchchat's op is
+    unavailable: y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n].
 
     ``weight`` is q packed by ``aten._convert_weight_to_int4pack_for_cpu`` (uint8, two values a
     byte, in the kernel's tiled order); ``scales_and_zeros`` is (in / g, out, 2).
@@ -98,17 +158,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / group_size, out, 2) bfloat16
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
-        w = linear.weight.detach().float()  # (out, in)
-        out_features, in_features = w.shape
-        groups = w.reshape(out_features, in_features // group_size, group_size)  # (out, n_groups, g)
-        lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)  # (out, n_groups, 1)
-        scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
-        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1)  # (n_groups, out, 2)
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4PackedLinear":
+        q, scale, low = _int4_grid(linear, group_size)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (n_groups, out, 2)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return cls(packed, scales_and_zeros.contiguous().to(_COMPUTE_DTYPE), in_features, group_size)
+        return cls(packed, scales_and_zeros.contiguous().to(_COMPUTE_DTYPE), linear.in_features, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE)  # (B * T, in)
@@ -117,7 +172,7 @@ class Int4Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 (aten), "
                 f"group_size={self.group_size}")
 
 
@@ -167,4 +222,6 @@ def _quantized(linear: nn.Linear, scheme: str, group_size: int) -> nn.Module | N
     if scheme == "int8":
         return Int8Linear.from_linear(linear)
     g = int4_group_size(linear.in_features, linear.out_features, group_size)
-    return None if g is None else Int4Linear.from_linear(linear, g)
+    if g is None:
+        return None
+    return (Int4Linear if cpu_kernels.available() else Int4PackedLinear).from_linear(linear, g)
