@@ -14,7 +14,7 @@ setup(
     description="Run Llama-family language models with PyTorch: generate, chat, serve; local or distributed.",
     packages=find_packages(include=["torchchat", "torchchat.*"]),
     # the chat page; the CPU decode op's source, compiled at first use (torchchat/cpu_kernels.py)
-    package_data={"torchchat.server": ["static/*.html"], "torchchat": ["csrc/*.cpp"]},
+    package_data={"torchchat.server": ["static/*.html"], "torchchat": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.10",
     install_requires=requirements,
     entry_points={"console_scripts": ["torchchat=torchchat.cli:main"]},

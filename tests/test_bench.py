@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH.parent))  # benchlib, as bench.py finds it when run
 from benchlib.cases import Result  # noqa: E402
 from benchlib.llama_cpp_engine import gguf_type, parse_llama_bench  # noqa: E402
 from benchlib.report import agreement, annotate  # noqa: E402
+from benchlib.runner import merge  # noqa: E402
 from benchlib.transformers_engine import to_hf_state_dict  # noqa: E402
 from benchlib.weights import random_state_dict  # noqa: E402
 
@@ -96,3 +97,14 @@ def test_each_setting_is_compared_with_llama_cpp_on_the_matching_file_type():
                      result("torchchat", "bf16", "bf16", 20.0), result("llama.cpp", "F32", "F32", 25.0),
                      result("llama.cpp", "Q4_1", "Q4_1", 40.0)])
     assert [r.get("decode_vs_llama_cpp") for r in rows] == [1.2, 1.25, None, None, None]
+
+
+def test_interleaved_rounds_merge_into_medians_with_or_without_per_run_figures():
+    """--interleave: each round is one subprocess; llama-bench reports a mean per round, not its runs."""
+    ours = [Result("torchchat", "m", "fp32", "fp32", decode_tok_s=d, runs=[[0.1, 100.0, d]]) for d in (30.0, 10.0, 20.0)]
+    peer = [Result("llama.cpp", "m", "F32", "F32", ttft_s=0.2, prefill_tok_s=p, decode_tok_s=d, peak_rss_mb=m)
+            for p, d, m in ((300.0, 40.0, 500.0), (100.0, 35.0, 600.0), (200.0, 45.0, 550.0))]
+    assert merge(ours).decode_tok_s == 20.0 and len(merge(ours).runs) == 3
+    merged = merge(peer)
+    assert (merged.prefill_tok_s, merged.decode_tok_s, merged.peak_rss_mb) == (200.0, 40.0, 600.0)
+    assert len(merged.runs) == 3

@@ -92,7 +92,7 @@ def _build() -> Path:
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
                *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()), *(str(source) for source in SOURCES),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(path.read_bytes() for path in sorted(SOURCES[0].parent.glob("*.[ch]*")))  # headers too
     key = hashlib.sha256(sources + " ".join(command + [torch.__version__]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TORCHCHAT_CACHE", Path.home() / ".cache" / "torchchat"))
     target = cache / f"kernels-{key}.so"

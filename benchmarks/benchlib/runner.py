@@ -95,7 +95,9 @@ def run_interleaved(cases: list[Case], w: Workload, timeout: float) -> list[Resu
 def merge(rounds: list[Result]) -> Result:
     """One Result from single-run subprocesses: medians of the runs, the largest peak RSS, the first
     round's warm-up (a cold compile) and greedy tokens."""
-    r = Result(**{**asdict(rounds[0]), "runs": [run for x in rounds for run in x.runs]})
+    # llama-bench reports its own mean, not each run: then the round's figures are its run
+    runs = [run for x in rounds for run in (x.runs or [[x.ttft_s, x.prefill_tok_s, x.decode_tok_s]])]
+    r = Result(**{**asdict(rounds[0]), "runs": runs})
     r.ttft_s, r.prefill_tok_s, r.decode_tok_s = (statistics.median(run[k] for run in r.runs) for k in range(3))
     r.peak_rss_mb = max(x.peak_rss_mb for x in rounds)
     r.load_s = statistics.median(x.load_s for x in rounds)

@@ -19,24 +19,15 @@
 
 #include <immintrin.h>
 
+#include "avx2_reduce.h"
+
 #include <cmath>
 #include <vector>
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using torchchat_avx2::hmax;
+using torchchat_avx2::hsum;
 
 // exp(x) for x <= 0 (scores minus their maximum), 8 at a time: 2^n * e^r with r in [-ln2/2, ln2/2] and
 // a degree-6 polynomial for e^r (Cephes' expf coefficients; relative error ~2e-7). Below -87 it is 0.

@@ -18,12 +18,17 @@
 
 #include <immintrin.h>
 
+#include "avx2_reduce.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 namespace {
+
+using torchchat_avx2::hmax;
+using torchchat_avx2::hsum;
 
 constexpr int64_t kGrainRows = 64;  // rows per thread at least: tiny matrices stay on one thread
 
@@ -37,20 +42,6 @@ inline __m256 load8(const c10::BFloat16 *p) {
 
 inline __m256 load8(const int8_t *p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
 }
 
 template <typename T>
