@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 
 from tests.dist_utils import run_ranks
 from tests.generators import load_parts, local_generator, scripted_user, tiny_source
+from torchchat import cpu_kernels
 from torchchat.catalog import ModelSource
 from torchchat.checkpoint import load_model, read_model_args
 from torchchat.distributed.parallel_dims import ParallelDims
@@ -54,6 +56,17 @@ def chat_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, li
         gen.close()
 
 
+def kernel_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
+    """Which of this rank's attention layers send decode steps to the CPU attention op."""
+    gen = _build(source, world, tp, pp, max_seq_len=64)
+    try:
+        model = gen.runner.model if pp == 1 else gen.runner.module.model
+        return [layer.attention.decode_attention is torch.ops.torchchat.decode_attention
+                for layer in model.layers.values()]
+    finally:
+        gen.close()
+
+
 def _never_called():
     raise AssertionError("only rank 0 reads the user")
 
@@ -86,6 +99,17 @@ def test_tiny_greedy_matches_local(tiny_model, tp, pp):
     results = run_ranks(generate_worker, tp * pp, source, tp, pp, TINY_RUNS, {"max_seq_len": 64}, timeout=90)
     for rank, tokens in enumerate(results):
         assert tokens == expected, f"rank {rank} (tp {tp}, pp {pp})"
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=lambda v: str(v))
+def test_cpu_ranks_attend_through_the_kernel(tiny_model, tp, pp):
+    """Every layer of every rank (a TP shard's local heads, a stage's own layers): the parity tests above
+    then compare those ranks' tokens with LocalGenerator's."""
+    results = run_ranks(kernel_worker, tp * pp, tiny_source(tiny_model), tp, pp, timeout=90)
+    layers = tiny_model.args.n_layers
+    assert [len(r) for r in results] == ([layers] * tp if pp == 1 else [layers // pp] * pp)
+    assert all(all(r) for r in results)
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=lambda v: str(v))

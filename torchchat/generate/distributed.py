@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from torchchat import cpu_kernels
 from torchchat.distributed.collectives import broadcast_token, broadcast_turn, new_turn_group
 from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
@@ -113,6 +114,8 @@ class DistributedGenerator(Generator):
             runner = WholeStage(model)
         gen = cls(runner, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
                   device=device, turn_group=turn_group, **kwargs)
+        if device.type == "cpu":  # speed: decode attention over the filled cache only (this rank's heads)
+            cpu_kernels.use_decode_attention(model)
         gen.log(f"stage {stage_index + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
                 f"tp {mesh.get_local_rank('tp') + 1}/{dims.tp}: loaded {source.name} ({dtype}, {device}) in "
                 f"{time.perf_counter() - t0:.2f} s, peak memory {peak_memory_mb(device):.0f} MB")
