@@ -124,6 +124,19 @@ def test_gemv_int4_matches_float64_reference(out_features, in_features, group_si
         assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01
 
 
+@pytest.mark.parametrize("out_features,in_features,group_size", [(37, 64, 32), (96, 256, 128)])
+def test_dequantize_int4_matches_unpacking_with_torch_ops(out_features, in_features, group_size, monkeypatch):
+    """The op (prompts' float32 GEMMs) against Int4Linear's own torch-op unpacking, rows sliced as
+    float32_linear slices them."""
+    torch.manual_seed(in_features)
+    layer = Int4Linear.from_linear(torch.nn.Linear(in_features, out_features, bias=False), group_size)
+    with_op = layer.dequantize(5, 30)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    with_torch = layer.dequantize(5, 30)
+    assert with_op.shape == (25, in_features) and with_op.dtype == torch.float32
+    torch.testing.assert_close(with_op, with_torch, rtol=1e-6, atol=1e-7)
+
+
 def test_gemv_int4_bad_input_is_a_clear_error():
     layer = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), 32)
     with pytest.raises(RuntimeError, match="group_size \\(48\\) must be a multiple of 32"):

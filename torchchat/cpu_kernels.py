@@ -64,6 +64,7 @@ def _load() -> bool:
         return False
     torch.library.register_fake("torchchat::gemv")(_gemv_shape)
     torch.library.register_fake("torchchat::gemv_int4")(_gemv_int4_shape)
+    torch.library.register_fake("torchchat::dequantize_int4")(_dequantize_int4_shape)
     torch.library.register_fake("torchchat::decode_attention")(_decode_attention_shape)
     return True
 
@@ -76,6 +77,11 @@ def _gemv_shape(x, weight, scale=None):
 def _gemv_int4_shape(x, packed, scales_and_mins, group_size):
     """The op's output for tracing: (..., out) in x's dtype."""
     return x.new_empty(*x.shape[:-1], packed.size(0))
+
+
+def _dequantize_int4_shape(packed, scales_and_mins, group_size):
+    """The op's output for tracing: (out, in) float32."""
+    return packed.new_empty(packed.size(0), 2 * packed.size(1), dtype=torch.float32)
 
 
 def _decode_attention_shape(q, k_cache, v_cache, input_pos):

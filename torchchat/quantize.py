@@ -124,7 +124,10 @@ class Int4Linear(nn.Module):
         return cls(packed.contiguous(), scales_and_mins.contiguous(), group_size)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Rows [start, end) of W in float32: (end - start, in)."""
+        """Rows [start, end) of W in float32: (end - start, in). One pass in C++ where the ops are built."""
+        if self.packed.device.type == "cpu" and cpu_kernels.available():
+            return torch.ops.torchchat.dequantize_int4(self.packed[start:end], self.scales_and_mins[start:end],
+                                                       self.group_size)
         p = self.packed[start:end]  # (rows, in / 2)
         blocks = p.view(p.size(0), -1, 16)  # (rows, in / 32, 16)
         q = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (rows, in / 32, 32): a block's 32 values in order
