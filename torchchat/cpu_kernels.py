@@ -1,16 +1,16 @@
-"""Batch-1 CPU decode kernels: ``torch.ops.torchchat.gemv`` (``torchchat/csrc/gemv.cpp``), matrix-vector
-products, and ``torch.ops.torchchat.decode_attention`` (``csrc/decode_attention.cpp``), one query
-position over the filled part of the KV cache.
+"""Batch-1 CPU decode kernels, C++ ops in ``torchchat/csrc/`` built into one library:
+``torch.ops.torchchat.gemv`` (one row times a float32, bfloat16 or int8 weight), ``gemv_int4`` and
+``dequantize_int4`` (quantize.Int4Linear's 4-bit layout), and ``decode_attention`` (one query position
+over the filled part of the KV cache).
 
 A decode step at batch 1 multiplies one row of activations by every weight matrix, so it is bound
 by how fast the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that:
 MKL's float32 matrix-vector product runs on one thread, and oneDNN (like Inductor's fused loop)
 converts bfloat16 at about half the memory's rate. ``gemv.cpp`` reads each weight once, converts it
-in registers and splits the rows over torch's threads; float32, bfloat16 and int8 (with a scale
-per row) weights.
+in registers and splits the rows over torch's threads.
 
-The op is compiled against the installed torch at first use (~10 s, once: the library is kept in
-``$TORCHCHAT_CACHE``, default ``~/.cache/torchchat``, keyed by source, torch version and compiler;
+The library is compiled against the installed torch at first use (~10 s, once: it is kept in
+``$TORCHCHAT_CACHE``, default ``~/.cache/torchchat``, keyed by the sources, torch version and compiler;
 Inductor needs the same compiler for ``--compile``) and loaded with ``torch.ops.load_library``.
 Without a compiler, on a CPU without AVX2, or with ``TORCHCHAT_CPU_KERNELS=0`` (for A/B
 measurements), ``available()`` is False and callers use torch's kernels.
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_attention.cpp"))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp")  # compiled; csrc's headers are in the key too
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
@@ -39,7 +40,7 @@ SLICE_BYTES = 64 * 2**20  # float32 weight that float32_linear converts at a tim
 
 @torch.compiler.assume_constant_result  # Dynamo bakes the answer in rather than tracing the build
 def available() -> bool:
-    """Is ``torch.ops.torchchat.gemv`` loaded (built, AVX2, not switched off)?"""
+    """Are the ``torch.ops.torchchat`` ops loaded (built, AVX2, not switched off)?"""
     return _load()
 
 
@@ -98,7 +99,7 @@ def _build() -> Path:
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
                *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()), *(str(source) for source in SOURCES),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    sources = b"".join(path.read_bytes() for path in sorted(SOURCES[0].parent.glob("*.[ch]*")))  # headers too
+    sources = b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.[ch]*")))
     key = hashlib.sha256(sources + " ".join(command + [torch.__version__]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TORCHCHAT_CACHE", Path.home() / ".cache" / "torchchat"))
     target = cache / f"kernels-{key}.so"
