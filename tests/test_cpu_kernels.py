@@ -105,8 +105,11 @@ def int4_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     return x_quantized.double() @ layer.dequantize().double().T  # (1, out)
 
 
-@pytest.mark.parametrize("out_features,in_features,group_size", [(1, 32, 32), (37, 64, 32), (96, 256, 64),
-                                                                 (1536, 576, 32), (64, 512, 256)])
+# group_size 32 reads 8 blocks (256 inputs) at a time, then the rest through masks: in_features of 1-7
+# blocks, exactly 1 and 8 chunks, and SmolLM2's 576 (2 chunks + 2 blocks); other group sizes block by block.
+@pytest.mark.parametrize("out_features,in_features,group_size", [(1, 32, 32), (37, 64, 32), (5, 224, 32),
+                                                                 (16, 256, 32), (48, 2048, 32), (33, 2272, 32),
+                                                                 (96, 256, 64), (1536, 576, 32), (64, 512, 256)])
 def test_gemv_int4_matches_float64_reference(out_features, in_features, group_size):
     """The op against its definition in float64 (same grid, same scales, same int8 activations), and close to
     the product with unrounded activations (~0.5% measured)."""
