@@ -130,3 +130,32 @@ def test_bf16_runs(tiny_model):
     gen.model.setup_caches(2, gen.max_seq_len)  # new sizes: caches in the new dtype
     c = gen.complete(Turn(gen.encode_prompt("Hi"), GenerationArgs(max_new_tokens=4, **GREEDY)))[0]
     assert len(c.tokens) == 4
+
+
+def test_compiled_decode_equals_eager_across_turns_of_another_batch(tiny_model, monkeypatch):
+    """--compile: greedy tokens equal eager ones, turn after turn, when a turn with a larger batch re-allocates
+    the caches in between (each decode run's first step checks Dynamo's guards and recompiles; the later
+    steps skip them, see LocalGenerator._guards: were a stale graph reused, these tokens would differ)."""
+    eager, compiled = (local_generator(tiny_source(tiny_model), compile=c) for c in (False, True))
+    stances = []
+    real_set_stance = torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real_set_stance(*a, **k))
+    for num_samples, prompt in ((1, "Once upon a time"), (2, "The cat"), (1, "Hello")):
+        args = GenerationArgs(max_new_tokens=8, num_samples=num_samples, **GREEDY)
+        want = [c.tokens for c in eager.complete(Turn(eager.encode_prompt(prompt), args))]
+        got = [c.tokens for c in compiled.complete(Turn(compiled.encode_prompt(prompt), args))]
+        assert got == want
+    assert len(stances) == 3 * 6 and all(k == {"skip_guard_eval_unsafe": True} for k in stances)  # 7 decode steps a turn
+
+
+def test_compiled_step_that_must_recompile_mid_run_takes_the_checked_path(tiny_model):
+    """Were Dynamo to need a recompile on a step that skips the guards (not expected within a run), it raises;
+    the step is then run again with the guards checked, rather than the generation failing."""
+    eager, compiled = (local_generator(tiny_source(tiny_model), compile=c) for c in (False, True))
+    with torch.no_grad():
+        compiled._step(torch.tensor([[5]]), torch.tensor([0]), first=True)  # compiled for batch 1
+        for gen in (eager, compiled):
+            gen._check_batch(2)  # larger caches: the batch-1 graph no longer fits
+        tokens, pos = torch.tensor([[5], [7]]), torch.tensor([0])
+        torch.testing.assert_close(compiled._step(tokens, pos, first=False), eager._step(tokens, pos, first=False),
+                                   rtol=1e-4, atol=1e-4)
