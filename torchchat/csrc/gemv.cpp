@@ -133,15 +133,16 @@ constexpr int64_t kChunkBlocks = 8;      // blocks that dot_chunk reduces togeth
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead dot_row_group32 fetches
 
 struct QuantizedRow {
-  std::vector<int8_t> q;           // (in,) x / d, rounded
-  std::vector<int8_t> q_pairs;     // the same in the order dot_chunk reads it, zeros up to a whole chunk
+  std::vector<int8_t> q;           // group_size 32: in the order dot_chunk reads it, zeros up to a whole
+                                   // chunk; others: (in,) in order. x / d, rounded.
   std::vector<float> block_scale;  // (in / 32,) d, zeros up to a whole chunk
   std::vector<float> group_sum;    // (in / group_size,) sums of xq * d, zeros up to a whole chunk
 };
 
 QuantizedRow quantize_row(const float *x, int64_t n_in, int64_t group_size) {
   const int64_t n_blocks = n_in / 32, padded = (n_blocks + kChunkBlocks - 1) / kChunkBlocks * kChunkBlocks;
-  QuantizedRow r{std::vector<int8_t>(n_in), std::vector<int8_t>(32 * padded), std::vector<float>(padded),
+  const bool paired = group_size == 32;
+  QuantizedRow r{std::vector<int8_t>(32 * padded), std::vector<float>(padded),
                  std::vector<float>(std::max(n_in / group_size, padded))};
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' per-lane interleave
@@ -157,11 +158,14 @@ QuantizedRow quantize_row(const float *x, int64_t n_in, int64_t group_size) {
                   i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
     const __m256i packed = _mm256_permutevar8x32_epi32(
         _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), lane_order);  // xq[0 .. 32)
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(r.q.data() + 32 * b), packed);
-    // Blocks 2p and 2p + 1 as [first halves of both | second halves of both], as dot_chunk unpacks weights.
-    int8_t *pair = r.q_pairs.data() + 64 * (b / 2) + 16 * (b & 1);
-    _mm_storeu_si128(reinterpret_cast<__m128i *>(pair), _mm256_castsi256_si128(packed));
-    _mm_storeu_si128(reinterpret_cast<__m128i *>(pair + 32), _mm256_extracti128_si256(packed, 1));
+    if (paired) {
+      // Blocks 2p and 2p + 1 as [first halves of both | second halves of both], as dot_chunk unpacks weights.
+      int8_t *pair = r.q.data() + 64 * (b / 2) + 16 * (b & 1);
+      _mm_storeu_si128(reinterpret_cast<__m128i *>(pair), _mm256_castsi256_si128(packed));
+      _mm_storeu_si128(reinterpret_cast<__m128i *>(pair + 32), _mm256_extracti128_si256(packed, 1));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(r.q.data() + 32 * b), packed);
+    }
     r.block_scale[b] = d;
     const __m256i block_sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
     r.group_sum[32 * b / group_size] += d * hsum(_mm256_cvtepi32_ps(block_sum));  // values in [-127, 127]: exact
@@ -186,7 +190,7 @@ template <bool PARTIAL>
 inline __m256 dot_chunk(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t b0, int64_t n,
                         __m256 acc) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int8_t *xp = x.q_pairs.data() + 32 * b0;
+  const int8_t *xp = x.q.data() + 32 * b0;
   __m256i pair_sums[4];
   for (int p = 0; p < 4; p++) {
     if (PARTIAL && 2 * p >= n) {
