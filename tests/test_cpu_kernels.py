@@ -188,9 +188,10 @@ def attention_reference(q, k_cache, v_cache, position: int) -> torch.Tensor:
 
 
 # (batch, heads, kv heads, cache length, head dim, position): the first and the last cache position, grouped
-# heads, a head dim with a scalar tail, a length with one, and SmolLM2's and Llama 3.2 1B's shapes.
+# heads, a head dim with a scalar tail, a length with one, SmolLM2's and Llama 3.2 1B's shapes, and a head dim of
+# two 64-value slabs with a length of 77 (8-position score blocks and a tail of 5).
 @pytest.mark.parametrize("shape", [(1, 4, 4, 33, 16, 0), (1, 9, 3, 640, 64, 600), (2, 6, 2, 50, 24, 49),
-                                   (1, 3, 1, 20, 5, 8), (1, 32, 8, 640, 64, 639)])
+                                   (1, 3, 1, 20, 5, 8), (1, 32, 8, 640, 64, 639), (1, 4, 2, 100, 128, 76)])
 def test_decode_attention_matches_float64_reference(shape):
     batch, heads, kv_heads, length, head_dim, position = shape
     torch.manual_seed(length + position)
@@ -232,6 +233,8 @@ def test_decode_attention_traces_without_a_graph_break():
 def test_decode_uses_the_attention_kernel_and_gives_the_same_greedy_tokens(tiny_model):
     """Every attention layer of a CPU LocalGenerator takes the op for decode steps; without it, SDPA."""
     gen = local_generator(tiny_source(tiny_model))
+    for block in gen.model.layers.values():
+        block.decode_step = None  # the fused block (tests/test_decode_layer.py) would not call the attention op
     layers = [layer.attention for layer in gen.model.layers.values()]
     assert all(a.decode_attention is torch.ops.torchchat.decode_attention for a in layers)
     calls = []

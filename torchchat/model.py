@@ -230,8 +230,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Optional kernel for a step of one position of one sequence, (block, x, rope, input_pos) -> (1, 1,
+        # dim): the whole block in one call (cpu_kernels.use_fused_decode sets it).
+        self.decode_step = None
 
     def forward(self, x, rope, mask, input_pos):
+        if self.decode_step is not None and x.size(0) == 1 and x.size(1) == 1:
+            return self.decode_step(self, x, rope, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 

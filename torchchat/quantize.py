@@ -65,6 +65,10 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])  # (out, in)
 
+    def gemv_operands(self):
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layer`` takes it (cpu_kernels)."""
+        return (self.weight, self.scales, 0) if self.scales.dtype == torch.float32 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (B * T, in)
         if rows.size(0) >= _PREFILL_ROWS:
@@ -134,6 +138,10 @@ class Int4Linear(nn.Module):
         q = q.view(p.size(0), -1, self.group_size).float()  # (rows, n_groups, g)
         sm = self.scales_and_mins[start:end].float()  # (rows, n_groups, 2)
         return (q * sm[..., :1] + sm[..., 1:]).view(p.size(0), self.in_features)  # (rows, in)
+
+    def gemv_operands(self):
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layer`` takes it (cpu_kernels)."""
+        return self.packed, self.scales_and_mins, self.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and x.device.type == "cpu" and cpu_kernels.available():

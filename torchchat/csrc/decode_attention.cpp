@@ -20,87 +20,14 @@
 
 #include <immintrin.h>
 
-#include "avx2_reduce.h"
+#include "attend.h"
 
 #include <cmath>
 #include <vector>
 
 namespace {
 
-using torchchat_avx2::hmax;
-using torchchat_avx2::hsum;
-
-// exp(x) for x <= 0 (scores minus their maximum), 8 at a time: 2^n * e^r with r in [-ln2/2, ln2/2] and
-// a degree-6 polynomial for e^r (Cephes' expf coefficients; relative error ~2e-7). Below -87 it is 0.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 is_tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n * ln2, in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(is_tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
-}
-
-inline float dot(const float *a, const float *b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; i++) sum += a[i] * b[i];
-  return sum;
-}
-
-// out += w * v, n values
-inline void axpy(float *out, float w, const float *v, int64_t n) {
-  const __m256 wv = _mm256_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
-  for (; i < n; i++) out[i] += w * v[i];
-}
-
-// One query head over positions [0, len) of its cache head: out = softmax(q . k^T * scale) @ v.
-void attend_head(const float *q, const float *k, const float *v, float *out, int64_t len, int64_t head_dim,
-                 float scale, std::vector<float> &scores) {
-  scores.resize(len);
-  float *s = scores.data();
-  for (int64_t t = 0; t < len; t++) s[t] = dot(q, k + t * head_dim, head_dim) * scale;
-  __m256 vmax = _mm256_set1_ps(-INFINITY);
-  int64_t t = 0;
-  for (; t + 8 <= len; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + t));
-  float max = hmax(vmax);
-  for (; t < len; t++) max = std::max(max, s[t]);
-  __m256 vsum = _mm256_setzero_ps();
-  const __m256 vm = _mm256_set1_ps(max);
-  for (t = 0; t + 8 <= len; t += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
-    _mm256_storeu_ps(s + t, e);
-    vsum = _mm256_add_ps(vsum, e);
-  }
-  float sum = hsum(vsum);
-  for (; t < len; t++) {
-    s[t] = std::exp(s[t] - max);
-    sum += s[t];
-  }
-  std::fill(out, out + head_dim, 0.0f);
-  for (t = 0; t < len; t++) axpy(out, s[t], v + t * head_dim, head_dim);
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < head_dim; i++) out[i] *= inv;
-}
+using namespace torchchat_cpu;
 
 at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
                             const at::Tensor &input_pos) {

@@ -9,7 +9,8 @@
 //
 // x: (..., in) with one row, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
 // bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32.
-// Built by torchchat/cpu_kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below.
+// Built by torchchat/cpu_kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
+// row kernels are in gemv_rows.h.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,7 +19,7 @@
 
 #include <immintrin.h>
 
-#include "avx2_reduce.h"
+#include "gemv_rows.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -27,41 +28,9 @@
 
 namespace {
 
-using torchchat_avx2::hmax;
-using torchchat_avx2::hsum;
+using namespace torchchat_cpu;
 
 constexpr int64_t kGrainRows = 64;  // rows per thread at least: tiny matrices stay on one thread
-
-inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const c10::BFloat16 *p) {
-  // bf16 -> float32: widen each 16-bit value to 32 bits and shift it into the high half
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-inline __m256 load8(const int8_t *p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
-}
-
-template <typename T>
-float dot_row(const float *x, const T *row, int64_t n_in) {
-  // 4 independent accumulators hide the FMA latency; one row after another, so a thread's rows are
-  // one sequential stream for the hardware prefetcher (short rows read as 4 interleaved streams
-  // measured at half the rate for SmolLM2's 576 columns).
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-  int64_t i = 0;
-  for (; i + 32 <= n_in; i += 32) {
-    acc0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), acc0);
-    acc1 = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(load8(row + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(load8(row + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
-  }
-  for (; i + 8 <= n_in; i += 8) acc0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), acc0);
-  float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; i < n_in; i++) sum += x[i] * static_cast<float>(row[i]);
-  return sum;
-}
 
 template <typename T>
 void gemv_typed(const float *x, const T *w, const float *scale, float *y, int64_t n_out, int64_t n_in) {
@@ -105,167 +74,8 @@ at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::option
   return y.view(sizes).to(x.scalar_type());  // (..., out)
 }
 
-// ----- int4: torch.ops.torchchat.gemv_int4(x, packed, scales_and_mins, group_size) -----
-//
-// W[o, i] = q[o, i] * scale[o, g] + min[o, g] for g = i / group_size, q in [0, 15] (llama.cpp's Q4_1).
-// packed: (out, in / 2) uint8; within each block of 32 weights, byte j holds q[j] in its low half and
-// q[j + 16] in its high half. scales_and_mins: (out, in / group_size, 2) float16. group_size: a multiple
-// of 32 that divides in.
-//
-// Why integer dot products: unpacking 4-bit weights to float32 costs ~1 cycle a weight on AVX2, far
-// slower than memory delivers them. As llama.cpp does, x is quantized once per call to int8 in blocks
-// of 32 (x ~ xq * d, d = max|x| / 127) and each block's q . xq is two integer instructions
-// (maddubs, madd) for 32 weights; the min term uses the sums of the quantized x, so that the result is
-// exactly W . (xq * d): the rounding error of x meets the weights themselves, not their 4-bit codes
-// (which all have the same sign), and stays ~0.5% (exact sums of x measured ~2% on random weights).
-// y[o] = sum over blocks b of scale[o, g(b)] * d[b] * (q . xq)_b + sum over groups g of min[o, g] * sum(xq_g * d).
-// group_size 32 (the default, llama.cpp's) takes dot_row_group32, eight blocks at a time; others, dot_row_int4.
-
-// The 32 4-bit codes of block b (16 bytes at q + 16 b): lo = q[0 .. 16), hi = q[16 .. 32), one byte each.
-inline void unpack_block(const uint8_t *q, int64_t b, __m128i &lo, __m128i &hi) {
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(q + 16 * b));
-  lo = _mm_and_si128(bytes, low4);
-  hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-}
-
-constexpr int64_t kChunkBlocks = 8;      // blocks that dot_chunk reduces together
-constexpr int64_t kPrefetchBytes = 2048;  // how far ahead dot_row_group32 fetches
-
-struct QuantizedRow {
-  std::vector<int8_t> q;           // group_size 32: in the order dot_chunk reads it, zeros up to a whole
-                                   // chunk; others: (in,) in order. x / d, rounded.
-  std::vector<float> block_scale;  // (in / 32,) d, zeros up to a whole chunk
-  std::vector<float> group_sum;    // (in / group_size,) sums of xq * d, zeros up to a whole chunk
-};
-
-QuantizedRow quantize_row(const float *x, int64_t n_in, int64_t group_size) {
-  const int64_t n_blocks = n_in / 32, padded = (n_blocks + kChunkBlocks - 1) / kChunkBlocks * kChunkBlocks;
-  const bool paired = group_size == 32;
-  QuantizedRow r{std::vector<int8_t>(32 * padded), std::vector<float>(padded),
-                 std::vector<float>(std::max(n_in / group_size, padded))};
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' per-lane interleave
-  for (int64_t b = 0; b < n_blocks; b++) {
-    const float *xb = x + 32 * b;
-    const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
-                 v3 = _mm256_loadu_ps(xb + 24);
-    const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, abs_mask), _mm256_and_ps(v1, abs_mask)),
-                                      _mm256_max_ps(_mm256_and_ps(v2, abs_mask), _mm256_and_ps(v3, abs_mask)));
-    const float d = hmax(amax) / 127.0f;
-    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv)),
-                  i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
-    const __m256i packed = _mm256_permutevar8x32_epi32(
-        _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), lane_order);  // xq[0 .. 32)
-    if (paired) {
-      // Blocks 2p and 2p + 1 as [first halves of both | second halves of both], as dot_chunk unpacks weights.
-      int8_t *pair = r.q.data() + 64 * (b / 2) + 16 * (b & 1);
-      _mm_storeu_si128(reinterpret_cast<__m128i *>(pair), _mm256_castsi256_si128(packed));
-      _mm_storeu_si128(reinterpret_cast<__m128i *>(pair + 32), _mm256_extracti128_si256(packed, 1));
-    } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i *>(r.q.data() + 32 * b), packed);
-    }
-    r.block_scale[b] = d;
-    const __m256i block_sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-    r.group_sum[32 * b / group_size] += d * hsum(_mm256_cvtepi32_ps(block_sum));  // values in [-127, 127]: exact
-  }
-  return r;
-}
-
-// Lanes [0, n) set: a mask for _mm256_maskload_epi32 (n <= 0: none, n >= 8: all).
-inline __m256i first_lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// Blocks [b0, b0 + n) of a row with group_size 32 (n <= 8): one scale and min per block, 16 bytes of
-// codes per block. Returns the chunk's terms added into acc.
-// Why: a block is 32 multiply-adds in two integer instructions, so handling its scale alone (two float16
-// conversions, a broadcast, a float multiply-add) cost more than its dot product: here two blocks share
-// each integer instruction, and the chunk's eight block sums are reduced together (three hadds) and
-// scaled by one vector of scales (measured 2x faster from cache). A partial chunk (a row's last) reads
-// through masks: nothing past the row, zeros for the missing blocks.
-template <bool PARTIAL>
-inline __m256 dot_chunk(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t b0, int64_t n,
-                        __m256 acc) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int8_t *xp = x.q.data() + 32 * b0;
-  __m256i pair_sums[4];
-  for (int p = 0; p < 4; p++) {
-    if (PARTIAL && 2 * p >= n) {
-      pair_sums[p] = _mm256_setzero_si256();
-      continue;
-    }
-    const auto *codes = reinterpret_cast<const int *>(q + 16 * b0 + 32 * p);  // blocks 2p and 2p + 1
-    const __m256i bytes = PARTIAL ? _mm256_maskload_epi32(codes, first_lanes(4 * (n - 2 * p)))
-                                  : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes));
-    const __m256i first = _mm256_and_si256(bytes, low4);                         // q[0 .. 16) of both blocks
-    const __m256i second = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);  // q[16 .. 32) of both
-    const __m256i x_first = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xp + 64 * p));
-    const __m256i x_second = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xp + 64 * p + 32));
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(first, x_first),
-                                           _mm256_maddubs_epi16(second, x_second));  // |.| <= 7620
-    pair_sums[p] = _mm256_madd_epi16(pairs, ones);  // lanes 0-3: block 2p's partial sums, 4-7: 2p + 1's
-  }
-  const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_sums[0], pair_sums[1]),
-                                         _mm256_hadd_epi32(pair_sums[2], pair_sums[3]));  // blocks 0 2 4 6 1 3 5 7
-  const __m256 dots = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  // 8 (scale, min) float16 pairs, one 32-bit lane each -> scales in the low 128 bits, mins in the high
-  const __m256i deinterleave = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                                0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-  const auto *scale_min_pairs = reinterpret_cast<const int *>(sm + 2 * b0);
-  const __m256i raw = PARTIAL ? _mm256_maskload_epi32(scale_min_pairs, first_lanes(n))
-                              : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(scale_min_pairs));
-  const __m256i halves = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(raw, deinterleave), 0xD8);  // s0-7 m0-7
-  const __m256 scales = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-  const __m256 mins = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
-  acc = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x.group_sum.data() + b0), acc);
-  return _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_loadu_ps(x.block_scale.data() + b0)), dots, acc);
-}
-
-// One row of a group-size-32 weight, chunk by chunk.
-float dot_row_group32(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t n_in) {
-  const int64_t n_blocks = n_in / 32, whole = n_blocks / kChunkBlocks * kChunkBlocks;
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < whole; b += kChunkBlocks) {
-    // Speed: fetch ahead (later rows, once this one ends), so a small matrix does not wait on memory
-    // while the hardware prefetcher warms up (SmolLM2's 210 int4 matrices: ~10% faster, measured).
-    _mm_prefetch(reinterpret_cast<const char *>(q + 16 * b + kPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char *>(q + 16 * b + kPrefetchBytes + 64), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char *>(sm + 2 * b) + kPrefetchBytes, _MM_HINT_T0);
-    acc = dot_chunk<false>(x, q, sm, b, kChunkBlocks, acc);
-  }
-  if (whole < n_blocks) acc = dot_chunk<true>(x, q, sm, whole, n_blocks - whole, acc);
-  return hsum(acc);
-}
-
-// Any group size (a multiple of 32): block by block.
-float dot_row_int4(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t n_in, int64_t group_size) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t *xq = x.q.data();
-  const float *block_scale = x.block_scale.data(), *group_sum = x.group_sum.data();
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // two chains: even and odd blocks
-  float min_terms = 0.0f;
-  for (int64_t g = 0, b = 0; g < n_in / group_size; g++) {
-    const float scale = _cvtsh_ss(sm[2 * g].x);
-    min_terms += _cvtsh_ss(sm[2 * g + 1].x) * group_sum[g];
-    for (const int64_t group_end = b + group_size / 32; b < group_end; b++) {
-      __m128i lo, hi;
-      unpack_block(q, b, lo, hi);
-      const __m256i nibbles = _mm256_set_m128i(hi, lo);  // q[0 .. 32) in order
-      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + 32 * b));
-      const __m256i pairs = _mm256_maddubs_epi16(nibbles, xb);  // 16 x int16: q0 x0 + q1 x1, ... (|.| <= 3810)
-      const __m256 dot8 = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));  // 8 partial sums
-      const __m256 block = _mm256_set1_ps(scale * block_scale[b]);
-      if (b & 1)
-        acc1 = _mm256_fmadd_ps(block, dot8, acc1);
-      else
-        acc0 = _mm256_fmadd_ps(block, dot8, acc0);
-    }
-  }
-  return hsum(_mm256_add_ps(acc0, acc1)) + min_terms;
-}
+// ----- int4: torch.ops.torchchat.gemv_int4(x, packed, scales_and_mins, group_size): see gemv_rows.h for the
+// layout and the kernels -----
 
 at::Tensor gemv_int4(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &scales_and_mins,
                      int64_t group_size) {
@@ -291,7 +101,7 @@ at::Tensor gemv_int4(const at::Tensor &x, const at::Tensor &packed, const at::Te
     for (int64_t o = begin; o < end; o++) {
       const uint8_t *q = qp + o * (n_in / 2);
       const c10::Half *sm = smp + o * n_groups * 2;
-      yp[o] = group_size == 32 ? dot_row_group32(xq, q, sm, n_in) : dot_row_int4(xq, q, sm, n_in, group_size);
+      yp[o] = dot_row_q4(xq, q, sm, n_in, group_size);
     }
   });
   std::vector<int64_t> sizes = x.sizes().vec();

@@ -34,13 +34,15 @@ class LocalGenerator(Generator):
         self.model = model
         self.max_batch = max_batch
         model.setup_caches(max_batch, max_seq_len)
-        # Speed, CPU: one-row linears go to torch.ops.torchchat.gemv and one-position attention to
-        # torch.ops.torchchat.decode_attention (see cpu_kernels); without them, a compiled step writes the
-        # linears as reductions (see _GemvAsReduction) and attends over the whole static cache.
+        # Speed, CPU: one-row linears go to torch.ops.torchchat.gemv, one-position attention to
+        # torch.ops.torchchat.decode_attention, and a batch-1 step's blocks to torch.ops.torchchat.decode_layer,
+        # one call a block (see cpu_kernels); without them, a compiled step writes the linears as reductions
+        # (see _GemvAsReduction) and attends over the whole static cache.
         on_cpu = self.device.type == "cpu"
         if on_cpu:
             cpu_kernels.use_gemv(model)
             cpu_kernels.use_decode_attention(model)
+            cpu_kernels.use_fused_decode(model)
         step = self._forward_one_reduced if on_cpu and not cpu_kernels.available() else self._forward_one
         self.compiled = compile
         self._decode_step = torch.compile(step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) \

@@ -1,0 +1,165 @@
+"""torch.ops.torchchat.decode_layer (torchchat/csrc/decode_layer.cpp): a whole transformer block for one position
+of one sequence, against the block's own modules (outputs and cache writes), for every weight format it takes;
+cpu_kernels.use_fused_decode's choice of blocks; LocalGenerator's greedy tokens with and without it, eager and
+compiled."""
+
+import shutil
+
+import pytest
+import torch
+
+from tests.generators import local_generator, tiny_source
+from torchchat import cpu_kernels
+from torchchat.generate.base import GenerationArgs, Turn
+from torchchat.model import ModelArgs, Transformer
+from torchchat.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
+                                reason="needs an AVX2 CPU and a C++ compiler")
+
+GREEDY = GenerationArgs(max_new_tokens=16, temperature=0, top_k=None, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def op_loaded():
+    assert cpu_kernels.available()
+
+
+def random_model(args: ModelArgs, weights: str, seed: int = 0) -> Transformer:
+    """A random-weight model with the CPU kernels' linears (as LocalGenerator sets them), caches for 64
+    positions, not yet fused. weights: fp32, bf16, int8, int4 (group size 32), int4-g64."""
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    for p in model.parameters():  # weights of a trained model's scale: activations stay O(1) through the layers
+        p.data.normal_(0, 0.5 / p.size(-1) ** 0.5) if p.dim() == 2 else p.data.uniform_(0.5, 1.5)
+    if weights == "bf16":
+        model.to(torch.bfloat16)
+    if weights.startswith("int"):
+        quantize_model(model, weights[:4], group_size=64 if weights.endswith("g64") else 32)
+    cpu_kernels.use_gemv(model)
+    model.setup_caches(1, 64)
+    cpu_kernels.use_decode_attention(model)
+    return model
+
+
+def caches(model: Transformer) -> list[torch.Tensor]:
+    return [t.clone() for layer in model.layers.values() for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+
+
+def set_caches(model: Transformer, values: list[torch.Tensor]):
+    for t, value in zip((t for layer in model.layers.values() for t in (layer.attention.kv_cache.k,
+                                                                          layer.attention.kv_cache.v)), values):
+        t.copy_(value)
+
+
+SMOLLM2_LIKE = ModelArgs(dim=576, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=300, hidden_dim=1536)  # head_dim 64
+HEAD_DIM_128 = ModelArgs(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=1024)
+HEAD_DIM_48 = ModelArgs(dim=288, n_layers=2, n_heads=6, vocab_size=300, hidden_dim=768)  # stories15m's heads
+
+
+# Shapes: SmolLM2's heads (64: the register-resident sums), 128 (two slabs of 64), 48 (the position-at-a-time
+# rest); positions: a first one, tails of the 8-position score loop, a long prefix.
+@pytest.mark.parametrize("weights", ["fp32", "int8", "int4", "int4-g64", "bf16"])
+@pytest.mark.parametrize("args", [SMOLLM2_LIKE, HEAD_DIM_128, HEAD_DIM_48], ids=["hd64", "hd128", "hd48"])
+def test_fused_block_equals_the_modules(weights, args):
+    """Logits after a prompt and four decode steps, and every cache entry written, match the unfused step."""
+    model = random_model(args, weights)
+    prompt = torch.randint(0, args.vocab_size, (1, 37))
+    tokens = torch.randint(0, args.vocab_size, (4,))
+    with torch.no_grad():
+        model(prompt, torch.arange(37))
+        after_prompt = caches(model)
+        want = [model(tokens[i].view(1, 1), torch.tensor([37 + i])) for i in range(4)]
+        want_caches = caches(model)
+        set_caches(model, after_prompt)
+        assert cpu_kernels.use_fused_decode(model) == args.n_layers
+        got = [model(tokens[i].view(1, 1), torch.tensor([37 + i])) for i in range(4)]
+    # bf16: the modules round to bf16 after every op, the op only at the end of a block. int4: an input is
+    # rounded to int8 for the integer dot products, and a last-bit difference upstream can move one value to the
+    # next step (1/127 of its block's largest), in either path.
+    relative = {"bf16": 3e-2, "int4": 1e-2, "int4-g64": 1e-2}.get(weights, 1e-5)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=relative * w.float().abs().max().item())
+    for g, w in zip(caches(model), want_caches):
+        torch.testing.assert_close(g, w, rtol=0, atol=relative * w.abs().max().item())
+
+
+def test_fused_block_at_the_first_position_and_the_last():
+    model = random_model(SMOLLM2_LIKE, "int4")
+    with torch.no_grad():
+        want = [model(torch.tensor([[5]]), torch.tensor([p])) for p in (0, 63)]
+        cpu_kernels.use_fused_decode(model)
+        got = [model(torch.tensor([[5]]), torch.tensor([p])) for p in (0, 63)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_block_writes_only_its_position():
+    model = random_model(SMOLLM2_LIKE, "fp32")
+    cpu_kernels.use_fused_decode(model)
+    before = caches(model)
+    with torch.no_grad():
+        model(torch.tensor([[5]]), torch.tensor([9]))
+    for b, a in zip(before, caches(model)):
+        changed = (a != b).any(-1)  # (B, n_kv_heads, S)
+        assert changed[0, :, 9].all() and changed.sum() == changed.size(1)
+
+
+def test_larger_batches_and_prompts_keep_the_modules():
+    """The op takes one position of one sequence; a batch-2 step and a prompt go through the modules."""
+    model = random_model(SMOLLM2_LIKE, "fp32")
+    calls = []
+    cpu_kernels.use_fused_decode(model)
+    for layer in model.layers.values():
+        layer.decode_step = lambda *a: calls.append(1) or cpu_kernels.decode_layer(*a)
+    model.setup_caches(2, 64)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (1, 5)), torch.arange(5))
+        model(torch.randint(0, 300, (2, 1)), torch.tensor([5]))
+        assert calls == []
+        model(torch.randint(0, 300, (1, 1)), torch.tensor([6]))
+    assert len(calls) == SMOLLM2_LIKE.n_layers
+
+
+def test_blocks_it_cannot_take_are_left_alone():
+    fp16 = random_model(SMOLLM2_LIKE, "fp32").half()
+    assert cpu_kernels.use_fused_decode(fp16) == 0  # float16 weights: the row kernels read float32/bfloat16/int8
+    no_caches = Transformer(SMOLLM2_LIKE)
+    assert cpu_kernels.use_fused_decode(no_caches) == 0
+    bf16_caches = random_model(SMOLLM2_LIKE, "fp32")
+    bf16_caches.setup_caches(1, 32, dtype=torch.bfloat16)
+    assert cpu_kernels.use_fused_decode(bf16_caches) == 0
+    assert all(layer.decode_step is None for m in (fp16, no_caches, bf16_caches) for layer in m.layers.values())
+
+
+def test_bad_input_is_a_clear_error():
+    model = random_model(SMOLLM2_LIKE, "fp32")
+    cpu_kernels.use_fused_decode(model)
+    block = model.layers["0"]
+    x, rope = torch.randn(1, 1, 576), model.rope[torch.tensor([3])]
+    with pytest.raises(RuntimeError, match="position 64 is outside the cache"):
+        cpu_kernels.decode_layer(block, x, rope, torch.tensor([64]))
+    with pytest.raises(RuntimeError, match="one position of one sequence"):
+        cpu_kernels.decode_layer(block, torch.randn(2, 1, 576), rope, torch.tensor([3]))
+    cache = block.attention.kv_cache
+    with pytest.raises(RuntimeError, match="14 linear tensors"):
+        torch.ops.torchchat.decode_layer(x, block.attention_norm.weight, block.ffn_norm.weight, 1e-5, [None] * 12,
+                                         [0] * 7, cache.k, cache.v, rope, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="weight shapes do not make a block"):
+        weights = [block.attention.wk.weight, None] * 7
+        torch.ops.torchchat.decode_layer(x, block.attention_norm.weight, block.ffn_norm.weight, 1e-5, weights,
+                                         [0] * 7, cache.k, cache.v, rope, torch.tensor([3]))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_generator_tokens_with_and_without_the_fused_blocks(tiny_model, compile):
+    """A CPU LocalGenerator fuses every block; its greedy tokens equal the unfused generator's, over two turns."""
+    fused, plain = (local_generator(tiny_source(tiny_model), compile=compile) for _ in range(2))
+    assert all(layer.decode_step is cpu_kernels.decode_layer for layer in fused.model.layers.values())
+    for layer in plain.model.layers.values():
+        layer.decode_step = None
+    for prompt in ("Once upon a time", "The cat"):
+        want = plain.complete(Turn(plain.encode_prompt(prompt), GREEDY))[0].tokens
+        got = fused.complete(Turn(fused.encode_prompt(prompt), GREEDY))[0].tokens
+        assert got == want and len(got) == GREEDY.max_new_tokens
