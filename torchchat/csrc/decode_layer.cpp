@@ -55,11 +55,12 @@ struct LinearWeight {
   int64_t group_size = 0;                       // 4-bit only
   int64_t n_out = 0, n_in = 0;
 
-  float row(int64_t o, const float *x, const QuantizedRow *xq) const {
+  // x as float32; xq, x16: as quantize_row (4-bit) or quantize_row_int16 (int8) made it for this weight
+  float row(int64_t o, const float *x, const QuantizedRow *xq, const Int16Row *x16) const {
     switch (dtype) {
       case at::kFloat: return dot_row(x, static_cast<const float *>(data) + o * n_in, n_in);
       case at::kBFloat16: return dot_row(x, static_cast<const c10::BFloat16 *>(data) + o * n_in, n_in);
-      case at::kChar: return dot_row(x, static_cast<const int8_t *>(data) + o * n_in, n_in) * row_scale[o];
+      case at::kChar: return dot_row_int8(*x16, static_cast<const int8_t *>(data) + o * n_in, n_in) * row_scale[o];
       default:
         return dot_row_q4(*xq, static_cast<const uint8_t *>(data) + o * (n_in / 2),
                           scales_and_mins + o * (n_in / group_size) * 2, n_in, group_size);
@@ -110,7 +111,8 @@ struct Product {
 };
 
 // out_i = W_i x for weights that share the input x (n_in values): every row of every product is split over
-// torch's threads in ONE parallel region, and x is quantized once per 4-bit group size among them.
+// torch's threads in ONE parallel region, and x is quantized once per 4-bit group size among them (and
+// once to int16 if any weight is int8).
 template <size_t N>
 void multiply(const float *x, const std::array<Product, N> &products) {
   const int64_t n_in = products[0].weight->n_in;
@@ -124,6 +126,9 @@ void multiply(const float *x, const std::array<Product, N> &products) {
     if (it == quantized.end()) it = quantized.emplace(quantized.end(), g, quantize_row(x, n_in, g));
     xq[i] = &it->second;
   }
+  const bool any_int8 = std::any_of(products.begin(), products.end(),
+                                    [](const Product &p) { return p.weight->dtype == at::kChar; });
+  const Int16Row x16 = any_int8 ? quantize_row_int16(x, n_in) : Int16Row{};
   int64_t total = 0;
   for (const Product &p : products) total += p.weight->n_out;
   at::parallel_for(0, total, kGrainRows, [&](int64_t begin, int64_t end) {
@@ -131,7 +136,7 @@ void multiply(const float *x, const std::array<Product, N> &products) {
     for (size_t i = 0; i < N; i++) {
       const LinearWeight &w = *products[i].weight;
       const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + w.n_out) - first_row;
-      for (int64_t o = lo; o < hi; o++) products[i].out[o] = w.row(o, x, xq[i]);
+      for (int64_t o = lo; o < hi; o++) products[i].out[o] = w.row(o, x, xq[i], &x16);
       first_row += w.n_out;
     }
   });

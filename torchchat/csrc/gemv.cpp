@@ -8,7 +8,8 @@
 // (~9 us), where a torch.library.custom_op in Python costs ~50 us a call.
 //
 // x: (..., in) with one row, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
-// bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32.
+// bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32 (int8: x in int16,
+// see gemv_rows.h).
 // Built by torchchat/cpu_kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
 // row kernels are in gemv_rows.h.
 
@@ -42,6 +43,16 @@ void gemv_typed(const float *x, const T *w, const float *scale, float *y, int64_
   });
 }
 
+void gemv_int8(const float *x, const int8_t *w, const float *scale, float *y, int64_t n_out, int64_t n_in) {
+  const Int16Row xq = quantize_row_int16(x, n_in);
+  at::parallel_for(0, n_out, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; o++) {
+      const float sum = dot_row_int8(xq, w + o * n_in, n_in);
+      y[o] = scale ? sum * scale[o] : sum;
+    }
+  });
+}
+
 at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &scale) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "torchchat::gemv: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "torchchat::gemv: weight must be (out, in), contiguous");
@@ -64,7 +75,7 @@ at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::option
       gemv_typed(x32.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), s, y.data_ptr<float>(), n_out, n_in);
       break;
     case at::kChar:
-      gemv_typed(x32.data_ptr<float>(), weight.data_ptr<int8_t>(), s, y.data_ptr<float>(), n_out, n_in);
+      gemv_int8(x32.data_ptr<float>(), weight.data_ptr<int8_t>(), s, y.data_ptr<float>(), n_out, n_in);
       break;
     default:
       TORCH_CHECK(false, "torchchat::gemv: weight dtype ", weight.scalar_type(), " is not float32, bfloat16 or int8");
