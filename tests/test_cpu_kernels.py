@@ -242,8 +242,7 @@ def test_decode_attention_traces_without_a_graph_break():
 def test_decode_uses_the_attention_kernel_and_gives_the_same_greedy_tokens(tiny_model):
     """Every attention layer of a CPU LocalGenerator takes the op for decode steps; without it, SDPA."""
     gen = local_generator(tiny_source(tiny_model))
-    for block in gen.model.layers.values():
-        block.decode_step = None  # the fused block (tests/test_decode_layer.py) would not call the attention op
+    gen.model.decode_layers = None  # the fused blocks (tests/test_decode_layers.py) would not call the attention op
     layers = [layer.attention for layer in gen.model.layers.values()]
     assert all(a.decode_attention is torch.ops.torchchat.decode_attention for a in layers)
     calls = []

@@ -1,8 +1,8 @@
 """Batch-1 CPU decode kernels, C++ ops in ``torchchat/csrc/`` built into one library:
 ``torch.ops.torchchat.gemv`` (one row times a float32, bfloat16 or int8 weight), ``gemv_int4`` and
 ``dequantize_int4`` (quantize.Int4Linear's 4-bit layout), ``decode_attention`` (one query position
-over the filled part of the KV cache), and ``decode_layer`` (a whole transformer block for one position of
-one sequence, with the same row kernels: see ``use_fused_decode``).
+over the filled part of the KV cache), and ``decode_layers`` (all of a model's transformer blocks for one
+position of one sequence, with the same row kernels: see ``use_fused_decode``).
 
 A decode step at batch 1 multiplies one row of activations by every weight matrix, so it is bound
 by how fast the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that:
@@ -32,7 +32,7 @@ import torch
 import torch.utils.cpp_extension
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layer.cpp")  # compiled; csrc's headers are in the key too
+SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp")  # compiled; csrc's headers are in the key too
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 _ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
@@ -68,7 +68,7 @@ def _load() -> bool:
     torch.library.register_fake("torchchat::gemv_int4")(_gemv_int4_shape)
     torch.library.register_fake("torchchat::dequantize_int4")(_dequantize_int4_shape)
     torch.library.register_fake("torchchat::decode_attention")(_decode_attention_shape)
-    torch.library.register_fake("torchchat::decode_layer")(_decode_layer_shape)
+    torch.library.register_fake("torchchat::decode_layers")(_decode_layers_shape)
     return True
 
 
@@ -92,7 +92,7 @@ def _decode_attention_shape(q, k_cache, v_cache, input_pos):
     return torch.empty_like(q)
 
 
-def _decode_layer_shape(x, attention_norm, ffn_norm, eps, linears, group_sizes, k_cache, v_cache, rope, input_pos):
+def _decode_layers_shape(x, norms, eps, linears, group_sizes, k_caches, v_caches, rope, input_pos):
     """The op's output for tracing: x's shape and dtype (it also writes the caches)."""
     return torch.empty_like(x)
 
@@ -153,7 +153,7 @@ class GemvLinear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def gemv_operands(self):
-        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layer`` takes a linear, or None for a
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes a linear, or None for a
         weight type it does not take (see use_fused_decode)."""
         ok = self.weight.dtype in (torch.float32, torch.bfloat16) and self.weight.is_contiguous()
         return (self.weight, None, 0) if ok else None
@@ -200,47 +200,47 @@ def use_decode_attention(model: torch.nn.Module) -> int:
 
 
 def use_fused_decode(model: torch.nn.Module) -> int:
-    """Send each transformer block's steps of one position of one sequence (batch-1 decode) to
-    ``torch.ops.torchchat.decode_layer``: the whole block in one call, ~5 thread wake-ups instead of ~15
-    ops and their dispatches (csrc/decode_layer.cpp says why). A block qualifies when its caches are
-    float32 on CPU (``Transformer.setup_caches`` first), its norms float32 or bfloat16, and each of its
-    linears gives ``gemv_operands()`` (GemvLinear: float32/bfloat16; quantize's Int8Linear, Int4Linear);
-    other blocks, and every prompt or larger batch, keep the modules' own path. Returns how many blocks."""
-    from torchchat.model import TransformerBlock
+    """Send the model's steps of one position of one sequence (batch-1 decode) through all its layers to
+    ``torch.ops.torchchat.decode_layers``: one call a token, ~5 thread wake-ups a layer instead of ~15 ops
+    and their dispatches (csrc/decode_layers.cpp says why). Every block must qualify: caches float32 on CPU
+    (``Transformer.setup_caches`` first), norms float32 or bfloat16 with one eps, and each linear giving
+    ``gemv_operands()`` (GemvLinear: float32/bfloat16; quantize's Int8Linear, Int4Linear). Prompts and
+    larger batches keep the modules' own path. Returns how many layers; 0 where it does not apply."""
+    from torchchat.model import Transformer
 
-    if not available():
+    blocks = list(model.layers.values()) if isinstance(model, Transformer) else []
+    if not available() or not blocks or not all(_fusable(block, blocks[0]) for block in blocks):
         return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TransformerBlock) and _fusable(module):
-            module.decode_step = decode_layer
-            count += 1
-    return count
+    model.decode_layers = decode_layers
+    return len(blocks)
 
 
-def decode_layer(block, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """``TransformerBlock.decode_step``: x (1, 1, dim) -> (1, 1, dim); writes the position into the caches."""
-    tensors, group_sizes = [], []
-    for linear in _block_linears(block):
-        weight, aux, group_size = linear.gemv_operands()
-        tensors += [weight, aux]
-        group_sizes.append(group_size)
-    cache = block.attention.kv_cache
-    return torch.ops.torchchat.decode_layer(x, block.attention_norm.weight, block.ffn_norm.weight,
-                                            block.attention_norm.eps, tensors, group_sizes, cache.k, cache.v,
-                                            rope, input_pos)  # (1, 1, dim)
+def decode_layers(model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """``Transformer.decode_layers``: h (1, 1, dim) through every block; writes the position into the caches."""
+    norms, tensors, group_sizes, k_caches, v_caches = [], [], [], [], []
+    for block in model.layers.values():
+        norms += [block.attention_norm.weight, block.ffn_norm.weight]
+        for linear in _block_linears(block):
+            weight, aux, group_size = linear.gemv_operands()
+            tensors += [weight, aux]
+            group_sizes.append(group_size)
+        k_caches.append(block.attention.kv_cache.k)
+        v_caches.append(block.attention.kv_cache.v)
+    eps = next(iter(model.layers.values())).attention_norm.eps
+    return torch.ops.torchchat.decode_layers(h, norms, eps, tensors, group_sizes, k_caches, v_caches, rope,
+                                             input_pos)  # (1, 1, dim)
 
 
 def _block_linears(block) -> tuple:
-    """In the order decode_layer takes them: wq, wk, wv, wo, w1, w3, w2."""
+    """In the order the ops take them: wq, wk, wv, wo, w1, w3, w2."""
     attention, ffn = block.attention, block.feed_forward
     return attention.wq, attention.wk, attention.wv, attention.wo, ffn.w1, ffn.w3, ffn.w2
 
 
-def _fusable(block) -> bool:
+def _fusable(block, first) -> bool:
     cache = block.attention.kv_cache
     norms = (block.attention_norm, block.ffn_norm)
     return (cache is not None and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
-            and norms[0].eps == norms[1].eps
+            and all(norm.eps == first.attention_norm.eps for norm in norms)
             and all(norm.weight.dtype in (torch.float32, torch.bfloat16) for norm in norms)
             and all(getattr(linear, "gemv_operands", lambda: None)() is not None for linear in _block_linears(block)))

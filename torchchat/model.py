@@ -230,13 +230,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        # Optional kernel for a step of one position of one sequence, (block, x, rope, input_pos) -> (1, 1,
-        # dim): the whole block in one call (cpu_kernels.use_fused_decode sets it).
-        self.decode_step = None
 
     def forward(self, x, rope, mask, input_pos):
-        if self.decode_step is not None and x.size(0) == 1 and x.size(1) == 1:
-            return self.decode_step(self, x, rope, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -258,6 +253,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.max_seq_len = 0
         self.max_batch = 0
+        # Optional kernel for a step of one position of one sequence through every layer, (model, h, rope,
+        # input_pos) -> h (1, 1, dim), in one call (cpu_kernels.use_fused_decode sets it).
+        self.decode_layers = None
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype=None, device=None):
         """Allocate the static KV caches and the rope table; idempotent for the same sizes."""
@@ -287,8 +285,11 @@ class Transformer(nn.Module):
         rope = self.rope[input_pos]  # (T, head_dim // 2, 2)
         mask = self.causal_mask[input_pos, :self._attended_len(input_pos)]  # (T, kv_len)
         mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len)
-        for layer in self.layers.values():
-            h = layer(h, rope, mask, input_pos)
+        if self.decode_layers is not None and h.size(0) == 1 and h.size(1) == 1:
+            h = self.decode_layers(self, h, rope, input_pos)  # (1, 1, dim)
+        else:
+            for layer in self.layers.values():
+                h = layer(h, rope, mask, input_pos)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -66,7 +66,7 @@ class Int8Linear(nn.Module):
         return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])  # (out, in)
 
     def gemv_operands(self):
-        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layer`` takes it (cpu_kernels)."""
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (cpu_kernels)."""
         return (self.weight, self.scales, 0) if self.scales.dtype == torch.float32 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ class Int4Linear(nn.Module):
         return (q * sm[..., :1] + sm[..., 1:]).view(p.size(0), self.in_features)  # (rows, in)
 
     def gemv_operands(self):
-        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layer`` takes it (cpu_kernels)."""
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (cpu_kernels)."""
         return self.packed, self.scales_and_mins, self.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 // Attention of one query head over the filled positions of its KV-cache head, float32, AVX2: attend_head
-// and its vector helpers. Shared by decode_attention.cpp (attention alone) and decode_layer.cpp (a whole
+// and its vector helpers. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
 // transformer block).
 #pragma once
 

@@ -1,6 +1,6 @@
 // One row of a batch-1 matrix-vector product, for each weight format: dot_row (float32, bfloat16, int8)
 // and, for 4-bit weights (quantize.Int4Linear's layout), quantize_row + dot_row_group32 / dot_row_int4.
-// Shared by the ops of gemv.cpp (one matrix a call) and decode_layer.cpp (a transformer block a call).
+// Shared by the ops of gemv.cpp (one matrix a call) and decode_layers.cpp (a model's blocks a call).
 // Each computes one output value; callers split rows over threads.
 #pragma once
 

@@ -35,8 +35,8 @@ class LocalGenerator(Generator):
         self.max_batch = max_batch
         model.setup_caches(max_batch, max_seq_len)
         # Speed, CPU: one-row linears go to torch.ops.torchchat.gemv, one-position attention to
-        # torch.ops.torchchat.decode_attention, and a batch-1 step's blocks to torch.ops.torchchat.decode_layer,
-        # one call a block (see cpu_kernels); without them, a compiled step writes the linears as reductions
+        # torch.ops.torchchat.decode_attention, and a batch-1 step's blocks to torch.ops.torchchat.decode_layers,
+        # one call a token (see cpu_kernels); without them, a compiled step writes the linears as reductions
         # (see _GemvAsReduction) and attends over the whole static cache.
         on_cpu = self.device.type == "cpu"
         if on_cpu:

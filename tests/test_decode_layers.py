@@ -1,7 +1,7 @@
-"""torch.ops.torchchat.decode_layer (torchchat/csrc/decode_layer.cpp): a whole transformer block for one position
-of one sequence, against the block's own modules (outputs and cache writes), for every weight format it takes;
-cpu_kernels.use_fused_decode's choice of blocks; LocalGenerator's greedy tokens with and without it, eager and
-compiled."""
+"""torch.ops.torchchat.decode_layers (torchchat/csrc/decode_layers.cpp): a model's transformer blocks for one
+position of one sequence in one call, against the blocks' own modules (outputs and cache writes), for every
+weight format it takes; cpu_kernels.use_fused_decode's choice of models; LocalGenerator's greedy tokens with and
+without it, eager and compiled."""
 
 import shutil
 
@@ -95,7 +95,7 @@ def test_fused_block_at_the_first_position_and_the_last():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_block_writes_only_its_position():
+def test_fused_blocks_write_only_their_position():
     model = random_model(SMOLLM2_LIKE, "fp32")
     cpu_kernels.use_fused_decode(model)
     before = caches(model)
@@ -111,18 +111,17 @@ def test_larger_batches_and_prompts_keep_the_modules():
     model = random_model(SMOLLM2_LIKE, "fp32")
     calls = []
     cpu_kernels.use_fused_decode(model)
-    for layer in model.layers.values():
-        layer.decode_step = lambda *a: calls.append(1) or cpu_kernels.decode_layer(*a)
+    model.decode_layers = lambda *a: calls.append(1) or cpu_kernels.decode_layers(*a)
     model.setup_caches(2, 64)
     with torch.no_grad():
         model(torch.randint(0, 300, (1, 5)), torch.arange(5))
         model(torch.randint(0, 300, (2, 1)), torch.tensor([5]))
         assert calls == []
         model(torch.randint(0, 300, (1, 1)), torch.tensor([6]))
-    assert len(calls) == SMOLLM2_LIKE.n_layers
+    assert len(calls) == 1  # one call a token, for every layer
 
 
-def test_blocks_it_cannot_take_are_left_alone():
+def test_models_it_cannot_take_are_left_alone():
     fp16 = random_model(SMOLLM2_LIKE, "fp32").half()
     assert cpu_kernels.use_fused_decode(fp16) == 0  # float16 weights: the row kernels read float32/bfloat16/int8
     no_caches = Transformer(SMOLLM2_LIKE)
@@ -130,35 +129,49 @@ def test_blocks_it_cannot_take_are_left_alone():
     bf16_caches = random_model(SMOLLM2_LIKE, "fp32")
     bf16_caches.setup_caches(1, 32, dtype=torch.bfloat16)
     assert cpu_kernels.use_fused_decode(bf16_caches) == 0
-    assert all(layer.decode_step is None for m in (fp16, no_caches, bf16_caches) for layer in m.layers.values())
+    one_odd_layer = random_model(SMOLLM2_LIKE, "fp32")
+    one_odd_layer.layers["1"].attention.wo = torch.nn.Linear(576, 576, bias=True)  # a bias: not a gemv layer
+    assert cpu_kernels.use_fused_decode(one_odd_layer) == 0
+    assert all(m.decode_layers is None for m in (fp16, no_caches, bf16_caches, one_odd_layer))
 
 
 def test_bad_input_is_a_clear_error():
     model = random_model(SMOLLM2_LIKE, "fp32")
-    cpu_kernels.use_fused_decode(model)
-    block = model.layers["0"]
     x, rope = torch.randn(1, 1, 576), model.rope[torch.tensor([3])]
     with pytest.raises(RuntimeError, match="position 64 is outside the cache"):
-        cpu_kernels.decode_layer(block, x, rope, torch.tensor([64]))
+        cpu_kernels.decode_layers(model, x, rope, torch.tensor([64]))
     with pytest.raises(RuntimeError, match="one position of one sequence"):
-        cpu_kernels.decode_layer(block, torch.randn(2, 1, 576), rope, torch.tensor([3]))
+        cpu_kernels.decode_layers(model, torch.randn(2, 1, 576), rope, torch.tensor([3]))
+    block = model.layers["0"]
     cache = block.attention.kv_cache
-    with pytest.raises(RuntimeError, match="14 linear tensors"):
-        torch.ops.torchchat.decode_layer(x, block.attention_norm.weight, block.ffn_norm.weight, 1e-5, [None] * 12,
-                                         [0] * 7, cache.k, cache.v, rope, torch.tensor([3]))
+    norms = [block.attention_norm.weight, block.ffn_norm.weight]
+    with pytest.raises(RuntimeError, match="for 1 layers, 2 norms, 14 linear tensors and 7 group sizes"):
+        torch.ops.torchchat.decode_layers(x, norms, 1e-5, [None] * 12, [0] * 7, [cache.k], [cache.v], rope,
+                                          torch.tensor([3]))
     with pytest.raises(RuntimeError, match="weight shapes do not make a block"):
-        weights = [block.attention.wk.weight, None] * 7
-        torch.ops.torchchat.decode_layer(x, block.attention_norm.weight, block.ffn_norm.weight, 1e-5, weights,
-                                         [0] * 7, cache.k, cache.v, rope, torch.tensor([3]))
+        torch.ops.torchchat.decode_layers(x, norms, 1e-5, [block.attention.wk.weight, None] * 7, [0] * 7,
+                                          [cache.k], [cache.v], rope, torch.tensor([3]))
+
+
+def test_compiled_step_writes_the_caches_in_place():
+    """Inductor keeps the op's cache arguments as the model's buffers (no copy of every cache each token)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = random_model(SMOLLM2_LIKE, "fp32")
+    cpu_kernels.use_fused_decode(model)
+    step = torch.compile(lambda t, p: model(t, p)[:, -1], fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        _, (code, *_) = run_and_get_code(step, torch.tensor([[5]]), torch.tensor([3]))
+    assert code.count("torch.ops.torchchat.decode_layers.default(") == 1
+    assert "copy_" not in code and ".clone()" not in code, code
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_generator_tokens_with_and_without_the_fused_blocks(tiny_model, compile):
-    """A CPU LocalGenerator fuses every block; its greedy tokens equal the unfused generator's, over two turns."""
+    """A CPU LocalGenerator fuses its blocks; its greedy tokens equal the unfused generator's, over two turns."""
     fused, plain = (local_generator(tiny_source(tiny_model), compile=compile) for _ in range(2))
-    assert all(layer.decode_step is cpu_kernels.decode_layer for layer in fused.model.layers.values())
-    for layer in plain.model.layers.values():
-        layer.decode_step = None
+    assert fused.model.decode_layers is cpu_kernels.decode_layers
+    plain.model.decode_layers = None
     for prompt in ("Once upon a time", "The cat"):
         want = plain.complete(Turn(plain.encode_prompt(prompt), GREEDY))[0].tokens
         got = fused.complete(Turn(fused.encode_prompt(prompt), GREEDY))[0].tokens
