@@ -98,7 +98,7 @@ def test_int8_linear_one_row_uses_the_kernel_with_its_scales(monkeypatch):
     real = torch.ops.torchchat.gemv
     monkeypatch.setattr(torch.ops.torchchat, "gemv", lambda *a: calls.append(a) or real(*a))
     x = torch.randn(1, 1, 96)
-    torch.testing.assert_close(q(x), F.linear(x, q.dequantize()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantize()), rtol=1e-4, atol=1e-4)  # x in int16: ~1e-5
     assert len(calls) == 1
 
 

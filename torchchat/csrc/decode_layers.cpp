@@ -13,7 +13,8 @@
 // together, w2), the norms, rotary, SwiGLU and residuals run in registers between them, and a 4-bit input is
 // quantized once for the three (or two) products that share it.
 //
-// x: (1, 1, dim) float32/bfloat16 (computed in float32, returned in x's dtype). For n blocks, in order:
+// x: (1, 1, dim) float32/bfloat16 (computed in float32 and returned in x's dtype; a bfloat16 x is rounded to
+// bfloat16 wherever the bfloat16 modules round, see round_bf16). For n blocks, in order:
 // norms: 2n, (attention_norm, ffn_norm) of each, (dim,). linears: 14n, (weight, aux) for wq, wk, wv, wo, w1,
 // w3, w2 of each, every one of
 //   float32 or bfloat16 weight (out, in), aux None;
@@ -144,15 +145,38 @@ void multiply(const float *x, const std::array<Product, N> &products) {
   });
 }
 
-// out = x / sqrt(mean(x^2) + eps) * weight, as model.RMSNorm (float32).
-void rms_norm(const float *x, const float *weight, float eps, float *out, int64_t n) {
+// v[0 .. n) rounded to bfloat16 (nearest, ties to even, as torch rounds) and kept in float32: a bfloat16
+// model's modules round after every op; the block does the same where they do, so that its tokens are
+// theirs (DistributedGenerator's ranks run the modules: local and distributed greedy tokens must agree).
+void round_bf16(float *v, int64_t n) {
+  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1),
+                high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(v + i));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(bias, odd)), high);
+    _mm256_storeu_ps(v + i, _mm256_castsi256_ps(rounded));
+  }
+  for (; i < n; i++) v[i] = static_cast<float>(c10::BFloat16(v[i]));
+}
+
+// out = x / sqrt(mean(x^2) + eps) * weight, as model.RMSNorm (float32; bf16: rounded where the module rounds).
+void rms_norm(const float *x, const float *weight, float eps, float *out, int64_t n, bool bf16) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), acc);
   float sum = hsum(acc);
   for (; i < n; i++) sum += x[i] * x[i];
   const float inv = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
-  for (i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
+  for (i = 0; i < n; i++) out[i] = x[i] * inv;
+  if (!bf16) {
+    for (i = 0; i < n; i++) out[i] *= weight[i];
+    return;
+  }
+  round_bf16(out, n);  // normed.type_as(x)
+  for (i = 0; i < n; i++) out[i] *= weight[i];
+  round_bf16(out, n);  // * weight, in bfloat16
 }
 
 // Rotate interleaved pairs of each head in place by (cos, sin) (model.apply_rotary_emb): rope (head_dim / 2, 2).
@@ -167,9 +191,12 @@ void rotate(float *heads, int64_t n_heads, int64_t head_dim, const float *rope) 
   }
 }
 
+void swiglu_bf16(float *gate, const float *up, int64_t n);
+
 // gate[i] = silu(gate[i]) * up[i], silu(a) = a * sigmoid(a); exp8 takes arguments <= 0: e = exp(-|a|),
 // sigmoid(a) = 1 / (1 + e) for a >= 0, e / (1 + e) below.
-void swiglu(float *gate, const float *up, int64_t n) {
+void swiglu(float *gate, const float *up, int64_t n, bool bf16) {
+  if (bf16) return swiglu_bf16(gate, up, n);
   const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -180,6 +207,15 @@ void swiglu(float *gate, const float *up, int64_t n) {
     _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(a, sigmoid), _mm256_loadu_ps(up + i)));
   }
   for (; i < n; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// bf16 modules: silu(gate) is rounded before the product, and the product again.
+void swiglu_bf16(float *gate, const float *up, int64_t n) {
+  std::vector<float> ones(n, 1.0f);
+  swiglu(gate, ones.data(), n, false);  // silu(gate)
+  round_bf16(gate, n);
+  for (int64_t i = 0; i < n; i++) gate[i] *= up[i];
+  round_bf16(gate, n);
 }
 
 // One block's weights and caches, checked: what run_block reads.
@@ -225,19 +261,24 @@ Block block_from(int64_t dim, const at::Tensor &attention_norm, const at::Tensor
 }
 
 // h (dim,) in place: h + attention(norm(h)), then + feed-forward(norm(.)); writes position pos of the caches.
-void run_block(const Block &b, float *h, const float *rope, int64_t pos, float eps) {
+void run_block(const Block &b, float *h, const float *rope, int64_t pos, float eps, bool bf16) {
   const int64_t dim = b.dim, head_dim = b.head_dim, n_kv = b.n_kv, max_len = b.max_len, hidden = b.hidden;
   const int64_t q_dim = b.n_heads * head_dim, kv_dim = n_kv * head_dim;
   const auto &w = b.w;
+  const auto round = [bf16](float *v, int64_t n) {
+    if (bf16) round_bf16(v, n);
+  };
   // scratch: normed (dim), q (q_dim), k, v (kv_dim), attention out (q_dim), gate, up (hidden), a product (dim)
   std::vector<float> scratch(2 * dim + 2 * q_dim + 2 * kv_dim + 2 * hidden);
   float *normed = scratch.data(), *q = normed + dim, *k = q + q_dim, *v = k + kv_dim, *attended = v + kv_dim,
         *gate = attended + q_dim, *up = gate + hidden, *product = up + hidden;
 
-  rms_norm(h, b.attention_norm.data_ptr<float>(), eps, normed, dim);
+  rms_norm(h, b.attention_norm.data_ptr<float>(), eps, normed, dim, bf16);
   multiply(normed, std::array<Product, 3>{{{&w[kWq], q}, {&w[kWk], k}, {&w[kWv], v}}});
+  round(q, q_dim + 2 * kv_dim);  // q, k, v are contiguous
   rotate(q, b.n_heads, head_dim, rope);
   rotate(k, n_kv, head_dim, rope);
+  round(q, q_dim + kv_dim);  // rotated q, k
   for (int64_t j = 0; j < n_kv; j++) {  // cache rows (j, pos)
     std::copy(k + j * head_dim, k + (j + 1) * head_dim, b.k_cache + (j * max_len + pos) * head_dim);
     std::copy(v + j * head_dim, v + (j + 1) * head_dim, b.v_cache + (j * max_len + pos) * head_dim);
@@ -252,14 +293,20 @@ void run_block(const Block &b, float *h, const float *rope, int64_t pos, float e
                   pos + 1, head_dim, scale, scores);
     }
   });
+  round(attended, q_dim);
   multiply(attended, std::array<Product, 1>{{{&w[kWo], product}}});
+  round(product, dim);
   for (int64_t i = 0; i < dim; i++) h[i] += product[i];  // h = x + attention
+  round(h, dim);
 
-  rms_norm(h, b.ffn_norm.data_ptr<float>(), eps, normed, dim);
+  rms_norm(h, b.ffn_norm.data_ptr<float>(), eps, normed, dim, bf16);
   multiply(normed, std::array<Product, 2>{{{&w[kW1], gate}, {&w[kW3], up}}});
-  swiglu(gate, up, hidden);
+  round(gate, 2 * hidden);  // gate, up
+  swiglu(gate, up, hidden, bf16);
   multiply(gate, std::array<Product, 1>{{{&w[kW2], product}}});
+  round(product, dim);
   for (int64_t i = 0; i < dim; i++) h[i] += product[i];  // out = h + feed-forward
+  round(h, dim);
 }
 
 // x's checks and the position; returns pos.
@@ -302,7 +349,9 @@ at::Tensor decode_layers(const at::Tensor &x, at::TensorList norms, double eps,
     TORCH_CHECK(b.max_len == blocks[0].max_len && b.head_dim == blocks[0].head_dim,
                 "torchchat::decode_layers: every layer's cache must have the first one's length and head_dim");
   at::Tensor h = x.reshape({dim}).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);  // (dim,), updated in place
-  for (const Block &b : blocks) run_block(b, h.data_ptr<float>(), rope.data_ptr<float>(), pos, static_cast<float>(eps));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;  // round as the modules do (see round_bf16)
+  for (const Block &b : blocks)
+    run_block(b, h.data_ptr<float>(), rope.data_ptr<float>(), pos, static_cast<float>(eps), bf16);
   return h.view(x.sizes()).to(x.scalar_type());
 }
 
