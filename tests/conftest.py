@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tests run several processes on 2 cores
+# A test suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT
+# ignored, and so would every process it starts (Python then installs no KeyboardInterrupt handler): the
+# Ctrl-C tests would see their processes ignore it. Catching it here gives children the default again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tests.model_assets import TinyModel, write_tiny_model  # noqa: E402
 from torchchat.catalog import embedded_gguf  # noqa: E402

@@ -10,7 +10,7 @@ MKL's float32 matrix-vector product runs on one thread, and oneDNN (like Inducto
 converts bfloat16 at about half the memory's rate. ``gemv.cpp`` reads each weight once, converts it
 in registers and splits the rows over torch's threads.
 
-The library is compiled against the installed torch at first use (~10 s, once: it is kept in
+The library is compiled against the installed torch at first use (~30 s, once: it is kept in
 ``$TORCHCHAT_CACHE``, default ``~/.cache/torchchat``, keyed by the sources, torch version and compiler;
 Inductor needs the same compiler for ``--compile``) and loaded with ``torch.ops.load_library``.
 Without a compiler, on a CPU without AVX2, or with ``TORCHCHAT_CPU_KERNELS=0`` (for A/B
@@ -112,7 +112,7 @@ def _build() -> Path:
     target = cache / f"kernels-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        print("torchchat: building the CPU decode kernels (once, ~10 s)", file=sys.stderr)
+        print("torchchat: building the CPU decode kernels (once, ~30 s)", file=sys.stderr)
         # Compile to a private name, then rename: ranks starting together never load a half-written file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
