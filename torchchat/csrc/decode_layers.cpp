@@ -309,8 +309,8 @@ void run_block(const Block &b, float *h, const float *rope, int64_t pos, float e
   round(h, dim);
 }
 
-// x's checks and the position; returns pos.
-int64_t check_step(const at::Tensor &x, const at::Tensor &rope, const at::Tensor &input_pos, const Block &first) {
+// rope's and the position's checks; returns the position.
+int64_t check_step(const at::Tensor &rope, const at::Tensor &input_pos, const Block &first) {
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == first.head_dim && rope.is_contiguous(),
               "torchchat::decode_layers: rope must be (1, ", first.head_dim / 2, ", 2) float32");
   TORCH_CHECK(input_pos.numel() == 1, "torchchat::decode_layers: one position, got ", input_pos.numel());
@@ -344,7 +344,7 @@ at::Tensor decode_layers(const at::Tensor &x, at::TensorList norms, double eps,
   for (int64_t l = 0; l < n; l++)
     blocks.push_back(block_from(dim, norms[2 * l], norms[2 * l + 1], linears, 2 * kLinears * l, group_sizes,
                                 k_caches[l], v_caches[l]));
-  const int64_t pos = check_step(x, rope, input_pos, blocks[0]);
+  const int64_t pos = check_step(rope, input_pos, blocks[0]);
   for (const Block &b : blocks)
     TORCH_CHECK(b.max_len == blocks[0].max_len && b.head_dim == blocks[0].head_dim,
                 "torchchat::decode_layers: every layer's cache must have the first one's length and head_dim");

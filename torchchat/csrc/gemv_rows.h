@@ -1,5 +1,6 @@
-// One row of a batch-1 matrix-vector product, for each weight format: dot_row (float32, bfloat16, int8)
-// and, for 4-bit weights (quantize.Int4Linear's layout), quantize_row + dot_row_group32 / dot_row_int4.
+// One row of a batch-1 matrix-vector product, for each weight format: dot_row (float32, bfloat16), dot_row_int8
+// (int8, the activation from quantize_row_int16) and, for 4-bit weights (quantize.Int4Linear's layout), quantize_row +
+// dot_row_group32 / dot_row_int4.
 // Shared by the ops of gemv.cpp (one matrix a call) and decode_layers.cpp (a model's blocks a call).
 // Each computes one output value; callers split rows over threads.
 #pragma once
@@ -26,10 +27,6 @@ inline __m256 load8(const c10::BFloat16 *p) {
   // bf16 -> float32: widen each 16-bit value to 32 bits and shift it into the high half
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-inline __m256 load8(const int8_t *p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
 }
 
 template <typename T>
