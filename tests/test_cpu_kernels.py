@@ -198,14 +198,17 @@ def attention_reference(q, k_cache, v_cache, position: int) -> torch.Tensor:
 
 # (batch, heads, kv heads, cache length, head dim, position): the first and the last cache position, grouped
 # heads, a head dim with a scalar tail, a length with one, SmolLM2's and Llama 3.2 1B's shapes, and a head dim of
-# two 64-value slabs with a length of 77 (8-position score blocks and a tail of 5).
+# two 64-value slabs with a length of 77 (8-position score blocks and a tail of 5); lengths of one 64-position
+# work unit, one and a position, two (attend.h merges the units' softmaxes).
 @pytest.mark.parametrize("shape", [(1, 4, 4, 33, 16, 0), (1, 9, 3, 640, 64, 600), (2, 6, 2, 50, 24, 49),
-                                   (1, 3, 1, 20, 5, 8), (1, 32, 8, 640, 64, 639), (1, 4, 2, 100, 128, 76)])
-def test_decode_attention_matches_float64_reference(shape):
+                                   (1, 3, 1, 20, 5, 8), (1, 32, 8, 640, 64, 639), (1, 4, 2, 100, 128, 76),
+                                   (1, 4, 2, 130, 64, 63), (2, 4, 2, 130, 64, 64), (1, 4, 2, 130, 64, 127)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decode_attention_matches_float64_reference(shape, cache_dtype):
     batch, heads, kv_heads, length, head_dim, position = shape
     torch.manual_seed(length + position)
     q = torch.randn(batch, heads, 1, head_dim) * 3  # larger scores: the softmax's exp is exercised
-    k, v = torch.randn(2, batch, kv_heads, length, head_dim).unbind(0)
+    k, v = torch.randn(2, batch, kv_heads, length, head_dim).to(cache_dtype).unbind(0)
     k[:, :, position + 1:] = float("nan")  # positions after the current one must not be read
     out = torch.ops.torchchat.decode_attention(q, k.contiguous(), v.contiguous(), torch.tensor([position]))
     assert out.shape == q.shape and out.dtype == torch.float32
@@ -224,8 +227,10 @@ def test_decode_attention_bad_input_is_a_clear_error():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 10, 8)
     with pytest.raises(RuntimeError, match="position 10 is outside the cache"):
         torch.ops.torchchat.decode_attention(q, k, k, torch.tensor([10]))
-    with pytest.raises(RuntimeError, match="caches must be contiguous float32"):
+    with pytest.raises(RuntimeError, match="caches must be contiguous, both float32 or both float16"):
         torch.ops.torchchat.decode_attention(q, k.bfloat16(), k.bfloat16(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        torch.ops.torchchat.decode_attention(q, k.half(), k, torch.tensor([1]))
     with pytest.raises(RuntimeError, match="heads a multiple of kv_heads"):
         torch.ops.torchchat.decode_attention(torch.randn(1, 3, 1, 8), k, k, torch.tensor([1]))
 

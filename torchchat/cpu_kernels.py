@@ -35,6 +35,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp")  # compiled; csrc's headers are in the key too
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+CACHE_DTYPES = (torch.float16, torch.float32)  # KV caches the attention kernels read (csrc/attend.h)
 _ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
 SLICE_BYTES = 64 * 2**20  # float32 weight that float32_linear converts at a time
 
@@ -183,8 +184,8 @@ def use_gemv(model: torch.nn.Module) -> int:
 
 def use_decode_attention(model: torch.nn.Module) -> int:
     """Send the model's one-position attention steps to ``torch.ops.torchchat.decode_attention``, which
-    reads only the filled cache positions (a compiled step's shapes stay static). Needs float32 CPU
-    caches (``Transformer.setup_caches`` first). Returns how many attention layers; 0 where unavailable."""
+    reads only the filled cache positions (a compiled step's shapes stay static). Needs float16 or float32
+    CPU caches (``Transformer.setup_caches`` first). Returns how many attention layers; 0 where unavailable."""
     from torchchat.model import Attention
 
     if not available():
@@ -192,7 +193,7 @@ def use_decode_attention(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         cache = getattr(module, "kv_cache", None)
-        if isinstance(module, Attention) and cache is not None and cache.k.dtype == torch.float32 \
+        if isinstance(module, Attention) and cache is not None and cache.k.dtype in CACHE_DTYPES \
                 and cache.k.device.type == "cpu":
             module.decode_attention = torch.ops.torchchat.decode_attention
             count += 1
@@ -202,21 +203,51 @@ def use_decode_attention(model: torch.nn.Module) -> int:
 def use_fused_decode(model: torch.nn.Module) -> int:
     """Send the model's steps of one position of one sequence (batch-1 decode) through all its layers to
     ``torch.ops.torchchat.decode_layers``: one call a token, ~5 thread wake-ups a layer instead of ~15 ops
-    and their dispatches (csrc/decode_layers.cpp says why). Every block must qualify: caches float32 on CPU
-    (``Transformer.setup_caches`` first), norms float32 or bfloat16 with one eps, and each linear giving
+    and their dispatches (csrc/decode_layers.cpp says why). Every block must qualify: caches float16 or
+    float32 on CPU (``Transformer.setup_caches`` first), norms float32 or bfloat16 with one eps, and each linear giving
     ``gemv_operands()`` (GemvLinear: float32/bfloat16; quantize's Int8Linear, Int4Linear). Prompts and
-    larger batches keep the modules' own path. Returns how many layers; 0 where it does not apply."""
+    larger batches keep the modules' own path. Call it again after replacing any of the model's modules or
+    parameters. Returns how many layers; 0 where it does not apply."""
     from torchchat.model import Transformer
 
     blocks = list(model.layers.values()) if isinstance(model, Transformer) else []
     if not available() or not blocks or not all(_fusable(block, blocks[0]) for block in blocks):
         return 0
-    model.decode_layers = decode_layers
+    model.decode_layers = FusedDecode()
     return len(blocks)
 
 
+class FusedDecode:
+    """``Transformer.decode_layers`` as ``use_fused_decode`` sets it: ``decode_layers`` with the op's arguments
+    gathered once.
+
+    Speed: gathering the ~230 tensors of SmolLM2's 30 blocks from their modules takes ~1 ms of Python a token
+    (nn.Module attribute lookups and the garbage collector's passes over the new lists), a tenth of an
+    int4 token. Eager steps reuse them while the caches they were gathered with are the model's (a larger
+    batch re-allocates every cache: ``Transformer.setup_caches``); a compiled step gathers them in its
+    traced code, which costs nothing when it runs.
+    """
+
+    def __init__(self):
+        self._arguments: tuple | None = None
+        self._first_cache: torch.Tensor | None = None  # the first block's k cache when they were gathered
+
+    def __call__(self, model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return decode_layers(model, h, rope, input_pos)
+        first_cache = next(iter(model.layers.values())).attention.kv_cache.k
+        if self._arguments is None or self._first_cache is not first_cache:
+            self._arguments, self._first_cache = _decode_layers_arguments(model), first_cache
+        return torch.ops.torchchat.decode_layers(h, *self._arguments, rope, input_pos)  # (1, 1, dim)
+
+
 def decode_layers(model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """``Transformer.decode_layers``: h (1, 1, dim) through every block; writes the position into the caches."""
+    """h (1, 1, dim) through every block of the model in one op call; writes the position into the caches."""
+    return torch.ops.torchchat.decode_layers(h, *_decode_layers_arguments(model), rope, input_pos)  # (1, 1, dim)
+
+
+def _decode_layers_arguments(model) -> tuple:
+    """The op's (norms, eps, linears, group_sizes, k_caches, v_caches) for the model's blocks."""
     norms, tensors, group_sizes, k_caches, v_caches = [], [], [], [], []
     for block in model.layers.values():
         norms += [block.attention_norm.weight, block.ffn_norm.weight]
@@ -227,8 +258,7 @@ def decode_layers(model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.T
         k_caches.append(block.attention.kv_cache.k)
         v_caches.append(block.attention.kv_cache.v)
     eps = next(iter(model.layers.values())).attention_norm.eps
-    return torch.ops.torchchat.decode_layers(h, norms, eps, tensors, group_sizes, k_caches, v_caches, rope,
-                                             input_pos)  # (1, 1, dim)
+    return norms, eps, tensors, group_sizes, k_caches, v_caches
 
 
 def _block_linears(block) -> tuple:
@@ -240,7 +270,7 @@ def _block_linears(block) -> tuple:
 def _fusable(block, first) -> bool:
     cache = block.attention.kv_cache
     norms = (block.attention_norm, block.ffn_norm)
-    return (cache is not None and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
+    return (cache is not None and cache.k.dtype in CACHE_DTYPES and cache.k.device.type == "cpu"
             and all(norm.eps == first.attention_norm.eps for norm in norms)
             and all(norm.weight.dtype in (torch.float32, torch.bfloat16) for norm in norms)
             and all(getattr(linear, "gemv_operands", lambda: None)() is not None for linear in _block_linears(block)))

@@ -201,12 +201,13 @@ class Attention(nn.Module):
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads. q: (B, n_heads, T, hd), k/v: (B, n_kv_heads, S, hd).
 
-    Speed: on CPU, bf16/fp16 attention runs in float32. PyTorch's CPU flash-attention kernel is about
-    4x slower in bf16 than converting to float32 and back, on CPUs without native bf16 (SmolLM2 decode
-    step, 544 cached positions: 756 -> 180 us a layer); the result is as precise or more.
+    Speed: on CPU, attention runs in float32 whatever the dtypes of q and the cache (float16 on CPU, see
+    Transformer.setup_caches). PyTorch's CPU flash-attention kernel is about 4x slower in bf16 than
+    converting to float32 and back, on CPUs without native bf16 (SmolLM2 decode step, 544 cached positions:
+    756 -> 180 us a layer); the result is as precise or more.
     """
     gqa = q.size(1) != k.size(1)
-    if q.device.type == "cpu" and q.dtype != torch.float32:
+    if q.device.type == "cpu" and (q.dtype != torch.float32 or k.dtype != torch.float32):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa)
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -266,10 +267,11 @@ class Transformer(nn.Module):
             return
         ref = next(p for p in self.parameters())
         device = device or ref.device
-        # Speed: on CPU attention runs in float32 (see _attention), so a bf16/fp16 model keeps its cache
-        # in float32 too, rather than converting the whole attended cache every step (1B shapes: ~150 MB a
-        # token of traffic at 640 positions). The cache is small next to the weights.
-        dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else ref.dtype)
+        # Speed: on CPU the cache is float16 whatever the model's dtype (as llama.cpp's default). A decode step
+        # reads all of its filled part (SmolLM2 at 550 positions: 25 MB in float32, a fifth of an int4 token's
+        # bytes); the CPU decode kernels read float16 directly and attend in float32 (cpu_kernels), as
+        # _attention does. A bf16 model's keys and values fit float16 exactly, short of its range.
+        dtype = dtype or (torch.float16 if torch.device(device).type == "cpu" else ref.dtype)
         for layer in self.layers.values():
             attn = layer.attention
             n_local_kv = _out_features(attn.wk) // attn.head_dim
@@ -283,11 +285,11 @@ class Transformer(nn.Module):
         """x: tokens (B, T) or hidden states (B, T, dim); input_pos: positions (T,)."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, T, dim)
         rope = self.rope[input_pos]  # (T, head_dim // 2, 2)
-        mask = self.causal_mask[input_pos, :self._attended_len(input_pos)]  # (T, kv_len)
-        mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len)
         if self.decode_layers is not None and h.size(0) == 1 and h.size(1) == 1:
             h = self.decode_layers(self, h, rope, input_pos)  # (1, 1, dim)
         else:
+            mask = self.causal_mask[input_pos, :self._attended_len(input_pos)]  # (T, kv_len)
+            mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len)
             for layer in self.layers.values():
                 h = layer(h, rope, mask, input_pos)
         if self.norm is not None:

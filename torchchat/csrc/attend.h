@@ -1,7 +1,11 @@
-// Attention of one query head over the filled positions of its KV-cache head, float32, AVX2: attend_head
-// and its vector helpers. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
+// Attention of one sequence's query heads over the filled positions of its KV cache, float32 math, AVX2:
+// attend (and its helpers). The cache is float32 or float16 (c10::Half): a decode step reads all of it, so
+// float16 halves the bytes. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
 // transformer block).
 #pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #include <immintrin.h>
 
@@ -38,26 +42,34 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(is_tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
 }
 
-inline float dot(const float *a, const float *b, int64_t n) {
+// 8 cache values as float32
+inline __m256 load_cache8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load_cache8(const c10::Half *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+
+template <typename T>
+float dot(const float *a, const T *b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_cache8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_cache8(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_cache8(b + i), acc0);
   float sum = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; i++) sum += a[i] * b[i];
+  for (; i < n; i++) sum += a[i] * static_cast<float>(b[i]);
   return sum;
 }
 
 // out += w * v, n values
-inline void axpy(float *out, float w, const float *v, int64_t n) {
+template <typename T>
+void axpy(float *out, float w, const T *v, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
-  for (; i < n; i++) out[i] += w * v[i];
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, load_cache8(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < n; i++) out[i] += w * static_cast<float>(v[i]);
 }
 
 // The sums of a0 .. a7, one a lane: [sum(a0), ..., sum(a7)].
@@ -69,17 +81,18 @@ inline __m256 sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m25
 
 // s[t] = q . k[t] * scale for t in [0, len). Speed: eight positions at a time, each q vector loaded once for
 // the eight, the eight sums reduced together (one horizontal sum per position cost as much as its dot).
-inline void scores(const float *q, const float *k, float *s, int64_t len, int64_t head_dim, float scale) {
+template <typename T>
+void scores(const float *q, const T *k, float *s, int64_t len, int64_t head_dim, float scale) {
   int64_t t = 0;
   if (head_dim % 8 == 0) {
     const __m256 vscale = _mm256_set1_ps(scale);
     for (; t + 8 <= len; t += 8) {
-      const float *kt = k + t * head_dim;
+      const T *kt = k + t * head_dim;
       __m256 a[8];
       for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
       for (int64_t i = 0; i < head_dim; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kt + j * head_dim + i), a[j]);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load_cache8(kt + j * head_dim + i), a[j]);
       }
       _mm256_storeu_ps(s + t, _mm256_mul_ps(sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), vscale));
     }
@@ -89,22 +102,24 @@ inline void scores(const float *q, const float *k, float *s, int64_t len, int64_
 
 // out[0 .. 64) = sum over t of p[t] * v[t][0 .. 64), rows of v `stride` apart. Speed: the 64 sums stay in
 // eight registers over all positions (axpy loads and stores them once a position).
-inline void weighted_sum64(const float *p, const float *v, int64_t stride, int64_t len, float *out) {
+template <typename T>
+void weighted_sum64(const float *p, const T *v, int64_t stride, int64_t len, float *out) {
   __m256 a[8];
   for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < len; t++) {
     const __m256 w = _mm256_set1_ps(p[t]);
-    const float *vt = v + t * stride;
-    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), a[j]);
+    const T *vt = v + t * stride;
+    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(w, load_cache8(vt + 8 * j), a[j]);
   }
   for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, a[j]);
 }
 
-// One query head over positions [0, len) of its cache head: out = softmax(q . k^T * scale) @ v.
-inline void attend_head(const float *q, const float *k, const float *v, float *out, int64_t len, int64_t head_dim,
-                        float scale, std::vector<float> &score_buffer) {
-  score_buffer.resize(len);
-  float *s = score_buffer.data();
+// A chunk's part of one query head's attention, over its len positions (rows of k and v, head_dim apart):
+// m = the largest score, partial = (out[0 .. head_dim), m, sum over t of exp(s[t] - m)) with
+// out = sum over t of exp(s[t] - m) v[t]. s: len floats of scratch.
+template <typename T>
+void attend_chunk(const float *q, const T *k, const T *v, int64_t len, int64_t head_dim, float scale, float *s,
+                  float *partial) {
   scores(q, k, s, len, head_dim, scale);
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t t = 0;
@@ -123,13 +138,55 @@ inline void attend_head(const float *q, const float *k, const float *v, float *o
     s[t] = std::exp(s[t] - max);
     sum += s[t];
   }
+  float *out = partial;
   int64_t i = 0;
   for (; i + 64 <= head_dim; i += 64) weighted_sum64(s, v + i, head_dim, len, out + i);
   std::fill(out + i, out + head_dim, 0.0f);  // the rest (head_dim not a multiple of 64), a position at a time
   if (i < head_dim)
     for (t = 0; t < len; t++) axpy(out + i, s[t], v + t * head_dim + i, head_dim - i);
-  const float inv = 1.0f / sum;
-  for (i = 0; i < head_dim; i++) out[i] *= inv;
+  partial[head_dim] = max;
+  partial[head_dim + 1] = sum;
+}
+
+constexpr int64_t kAttendChunk = 64;  // positions of a cache head a work unit reads
+
+// Every query head of one sequence over positions [0, len) of its cache: out = softmax(q . k^T * scale) @ v a
+// head. q, out: (n_heads, head_dim) float32; k, v: (n_kv, max_len, head_dim), float32 or float16; query head h
+// reads cache head h / (n_heads / n_kv).
+//
+// Speed (flash-decoding): the work is split over torch's threads by (cache head, 64 positions), so that all
+// threads stay busy when heads are few (SmolLM2: 3 cache heads, 2 threads) and each unit reads its K and V
+// rows from memory once for all the query heads that share them (the others find them in cache); each
+// head's chunk results are merged after. The split does not depend on the thread count, nor do the bits.
+template <typename T>
+void attend(const float *q, const T *k, const T *v, float *out, int64_t n_heads, int64_t n_kv, int64_t max_len,
+            int64_t len, int64_t head_dim, float scale) {
+  const int64_t group = n_heads / n_kv, n_chunks = (len + kAttendChunk - 1) / kAttendChunk, stride = head_dim + 2;
+  std::vector<float> partials(n_heads * n_chunks * stride);  // (n_heads, n_chunks, head_dim + 2), see attend_chunk
+  at::parallel_for(0, n_kv * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    float s[kAttendChunk];
+    for (int64_t unit = begin; unit < end; unit++) {
+      const int64_t j = unit / n_chunks, c = unit % n_chunks, first = c * kAttendChunk;
+      const int64_t rows = std::min(kAttendChunk, len - first), offset = (j * max_len + first) * head_dim;
+      for (int64_t h = j * group; h < (j + 1) * group; h++)
+        attend_chunk(q + h * head_dim, k + offset, v + offset, rows, head_dim, scale, s,
+                     partials.data() + (h * n_chunks + c) * stride);
+    }
+  });
+  for (int64_t h = 0; h < n_heads; h++) {  // merge: out = sum_c e^(m_c - m) out_c / sum_c e^(m_c - m) sum_c
+    const float *p = partials.data() + h * n_chunks * stride;
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t c = 0; c < n_chunks; c++) max = std::max(max, p[c * stride + head_dim]);
+    float *o = out + h * head_dim;
+    std::fill(o, o + head_dim, 0.0f);
+    for (int64_t c = 0; c < n_chunks; c++) {
+      const float w = std::exp(p[c * stride + head_dim] - max);
+      sum += w * p[c * stride + head_dim + 1];
+      axpy(o, w, p + c * stride, head_dim);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < head_dim; i++) o[i] *= inv;
+  }
 }
 
 }  // namespace torchchat_cpu

@@ -5,12 +5,12 @@
 // static shapes, so scaled_dot_product_attention reads the whole static cache (2048 positions in a
 // chat), and its CPU flash kernel costs ~80 us a layer for one query row at 640 positions (SmolLM2's
 // shapes; ~5 ms of a 36 ms compiled token in the profile). Here the op reads p from the tensor itself:
-// static shapes for Dynamo, and only the filled positions are read (600 positions: ~49 us). Heads are
-// split over torch's threads.
+// static shapes for Dynamo, and only the filled positions are read (600 positions: ~49 us). The work is
+// split over torch's threads by cache head and 64 positions (attend.h).
 //
-// q: (B, n_heads, 1, head_dim); k_cache, v_cache: (B, n_kv_heads, S, head_dim) float32 contiguous
+// q: (B, n_heads, 1, head_dim); k_cache, v_cache: (B, n_kv_heads, S, head_dim) float32 or float16, contiguous
 // (n_heads a multiple of n_kv_heads: grouped heads share a cache head); input_pos: (1,) int64.
-// Returns (B, n_heads, 1, head_dim) in q's dtype; float32 throughout, softmax scale 1/sqrt(head_dim).
+// Returns (B, n_heads, 1, head_dim) in q's dtype; float32 math, softmax scale 1/sqrt(head_dim).
 // Built with gemv.cpp into one library by torchchat/cpu_kernels.py (see FLAGS there).
 
 #include <ATen/Parallel.h>
@@ -39,29 +39,30 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_cache, cons
                   k_cache.size(3) == q.size(3) && q.size(1) % k_cache.size(1) == 0,
               "torchchat::decode_attention: caches must be (B, kv_heads, S, head_dim) with heads a multiple of "
               "kv_heads; got q ", q.sizes(), ", k ", k_cache.sizes(), ", v ", v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+  const at::ScalarType cache_dtype = k_cache.scalar_type();
+  TORCH_CHECK((cache_dtype == at::kFloat || cache_dtype == at::kHalf) && v_cache.scalar_type() == cache_dtype &&
                   k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "torchchat::decode_attention: caches must be contiguous float32");
+              "torchchat::decode_attention: caches must be contiguous, both float32 or both float16");
   TORCH_CHECK(input_pos.numel() == 1, "torchchat::decode_attention: one position, got ", input_pos.numel());
   const int64_t batch = q.size(0), n_heads = q.size(1), head_dim = q.size(3);
-  const int64_t n_kv = k_cache.size(1), max_len = k_cache.size(2), group = n_heads / n_kv;
+  const int64_t n_kv = k_cache.size(1), max_len = k_cache.size(2);
   const int64_t len = input_pos.item<int64_t>() + 1;  // attended positions [0, p]
   TORCH_CHECK(len >= 1 && len <= max_len, "torchchat::decode_attention: position ", len - 1,
               " is outside the cache (", max_len, " positions)");
   const at::Tensor q32 = q.to(at::kFloat).contiguous();  // (B, heads, 1, head_dim)
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // (B, heads, 1, head_dim)
-  const float *qp = q32.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
-  float *op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  at::parallel_for(0, batch * n_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t bh = begin; bh < end; bh++) {
-      const int64_t b = bh / n_heads, h = bh % n_heads;
-      const int64_t cache_head = (b * n_kv + h / group) * max_len * head_dim;
-      attend_head(qp + bh * head_dim, kp + cache_head, vp + cache_head, op + bh * head_dim, len, head_dim, scale,
-                  scores);
-    }
-  });
+  const int64_t q_size = n_heads * head_dim, cache_size = n_kv * max_len * head_dim;  // one sequence's
+  for (int64_t b = 0; b < batch; b++) {
+    const float *qb = q32.data_ptr<float>() + b * q_size;
+    float *ob = out.data_ptr<float>() + b * q_size;
+    if (cache_dtype == at::kHalf)
+      attend(qb, k_cache.data_ptr<c10::Half>() + b * cache_size, v_cache.data_ptr<c10::Half>() + b * cache_size, ob,
+             n_heads, n_kv, max_len, len, head_dim, scale);
+    else
+      attend(qb, k_cache.data_ptr<float>() + b * cache_size, v_cache.data_ptr<float>() + b * cache_size, ob, n_heads,
+             n_kv, max_len, len, head_dim, scale);
+  }
   return out.to(q.scalar_type());
 }
 

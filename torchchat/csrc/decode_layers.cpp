@@ -20,8 +20,9 @@
 //   float32 or bfloat16 weight (out, in), aux None;
 //   int8 weight (out, in), aux (out,) float32 row scales (quantize.Int8Linear);
 //   uint8 packed (out, in / 2), aux (out, in / g, 2) float16, g = its group size (quantize.Int4Linear);
-// group_sizes: 7n ints, 0 where not 4-bit. k_caches, v_caches: n each, (B, n_kv_heads, S, head_dim) float32,
-// contiguous; row 0 is this sequence's. rope: (1, head_dim / 2, 2) float32 (cos, sin) at this position.
+// group_sizes: 7n ints, 0 where not 4-bit. k_caches, v_caches: n each, (B, n_kv_heads, S, head_dim), contiguous,
+// all float32 or all float16 (the position's k and v are rounded to it, as the modules' cache write rounds);
+// row 0 is this sequence's. rope: (1, head_dim / 2, 2) float32 (cos, sin) at this position.
 // input_pos: (1,) int64.
 
 #include <ATen/Parallel.h>
@@ -222,7 +223,8 @@ void swiglu_bf16(float *gate, const float *up, int64_t n) {
 struct Block {
   at::Tensor attention_norm, ffn_norm;  // (dim,) float32 (converted here if bfloat16)
   std::array<LinearWeight, kLinears> w;
-  float *k_cache, *v_cache;  // sequence 0 of (B, n_kv, max_len, head_dim)
+  void *k_cache, *v_cache;  // sequence 0 of (B, n_kv, max_len, head_dim), float32 or float16
+  bool half_cache;
   int64_t dim, n_heads, n_kv, max_len, head_dim, hidden;
 };
 
@@ -234,11 +236,14 @@ Block block_from(int64_t dim, const at::Tensor &attention_norm, const at::Tensor
   for (int i = 0; i < kLinears; i++)
     b.w[i] = linear_weight(linears.get(first + 2 * i), linears.get(first + 2 * i + 1), group_sizes[first / 2 + i],
                            kLinearNames[i]);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "torchchat::decode_layers: caches must be (B, kv_heads, S, head_dim) contiguous float32, got k ",
-              k_cache.sizes(), ", v ", v_cache.sizes());
+  const at::ScalarType cache_dtype = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  (cache_dtype == at::kFloat || cache_dtype == at::kHalf) && v_cache.scalar_type() == cache_dtype &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(),
+              "torchchat::decode_layers: caches must be (B, kv_heads, S, head_dim) contiguous, both float32 or both "
+              "float16, got k ", k_cache.sizes(), " ", k_cache.scalar_type(), ", v ", v_cache.sizes(), " ",
+              v_cache.scalar_type());
   b.dim = dim;
   b.n_kv = k_cache.size(1), b.max_len = k_cache.size(2), b.head_dim = k_cache.size(3);
   const int64_t q_dim = b.w[kWq].n_out, kv_dim = b.n_kv * b.head_dim;
@@ -255,14 +260,29 @@ Block block_from(int64_t dim, const at::Tensor &attention_norm, const at::Tensor
               " values");
   b.attention_norm = attention_norm.reshape({dim}).to(at::kFloat).contiguous();
   b.ffn_norm = ffn_norm.reshape({dim}).to(at::kFloat).contiguous();
-  b.k_cache = k_cache.data_ptr<float>();
-  b.v_cache = v_cache.data_ptr<float>();
+  b.k_cache = k_cache.data_ptr();
+  b.v_cache = v_cache.data_ptr();
+  b.half_cache = cache_dtype == at::kHalf;
   return b;
+}
+
+// Writes this position's k and v (n_kv, head_dim) into the caches (as T: float, or c10::Half rounding to
+// nearest even as torch's .to(float16) does), then attends every query head over positions [0, pos].
+template <typename T>
+void cache_and_attend(const Block &b, const float *q, const float *k, const float *v, int64_t pos, float *attended) {
+  const int64_t head_dim = b.head_dim, max_len = b.max_len;
+  T *k_cache = static_cast<T *>(b.k_cache), *v_cache = static_cast<T *>(b.v_cache);
+  for (int64_t j = 0; j < b.n_kv; j++) {  // cache rows (j, pos)
+    std::copy(k + j * head_dim, k + (j + 1) * head_dim, k_cache + (j * max_len + pos) * head_dim);
+    std::copy(v + j * head_dim, v + (j + 1) * head_dim, v_cache + (j * max_len + pos) * head_dim);
+  }
+  attend(q, k_cache, v_cache, attended, b.n_heads, b.n_kv, max_len, pos + 1, head_dim,
+         1.0f / std::sqrt(static_cast<float>(head_dim)));
 }
 
 // h (dim,) in place: h + attention(norm(h)), then + feed-forward(norm(.)); writes position pos of the caches.
 void run_block(const Block &b, float *h, const float *rope, int64_t pos, float eps, bool bf16) {
-  const int64_t dim = b.dim, head_dim = b.head_dim, n_kv = b.n_kv, max_len = b.max_len, hidden = b.hidden;
+  const int64_t dim = b.dim, head_dim = b.head_dim, n_kv = b.n_kv, hidden = b.hidden;
   const int64_t q_dim = b.n_heads * head_dim, kv_dim = n_kv * head_dim;
   const auto &w = b.w;
   const auto round = [bf16](float *v, int64_t n) {
@@ -279,20 +299,10 @@ void run_block(const Block &b, float *h, const float *rope, int64_t pos, float e
   rotate(q, b.n_heads, head_dim, rope);
   rotate(k, n_kv, head_dim, rope);
   round(q, q_dim + kv_dim);  // rotated q, k
-  for (int64_t j = 0; j < n_kv; j++) {  // cache rows (j, pos)
-    std::copy(k + j * head_dim, k + (j + 1) * head_dim, b.k_cache + (j * max_len + pos) * head_dim);
-    std::copy(v + j * head_dim, v + (j + 1) * head_dim, b.v_cache + (j * max_len + pos) * head_dim);
-  }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  const int64_t group = b.n_heads / n_kv;
-  at::parallel_for(0, b.n_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t hd = begin; hd < end; hd++) {
-      const int64_t cache_head = (hd / group) * max_len * head_dim;
-      attend_head(q + hd * head_dim, b.k_cache + cache_head, b.v_cache + cache_head, attended + hd * head_dim,
-                  pos + 1, head_dim, scale, scores);
-    }
-  });
+  if (b.half_cache)
+    cache_and_attend<c10::Half>(b, q, k, v, pos, attended);
+  else
+    cache_and_attend<float>(b, q, k, v, pos, attended);
   round(attended, q_dim);
   multiply(attended, std::array<Product, 1>{{{&w[kWo], product}}});
   round(product, dim);
