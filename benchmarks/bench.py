@@ -46,9 +46,9 @@ DEFAULT_MODELS = ("smollm2-135m",) + RANDOM_MODELS
 # prompt is over a TFLOP), so that model gets the settings that matter for it.
 OUR_SETTINGS = {
     "default": [("fp32", None, False), ("fp32", None, True), ("bf16", None, False), ("bf16", None, True),
-                ("fp32", "int8", True), ("fp32", "int4", False), ("fp32", "int4", True)],
-    "llama3.2-1b": [("fp32", None, False), ("bf16", None, False), ("bf16", None, True), ("fp32", "int8", True),
-                    ("fp32", "int4", True)],
+                ("fp32", "int8", False), ("fp32", "int8", True), ("fp32", "int4", False), ("fp32", "int4", True)],
+    "llama3.2-1b": [("fp32", None, False), ("bf16", None, False), ("bf16", None, True), ("fp32", "int8", False),
+                    ("fp32", "int4", False)],
     QUICK_MODEL: [("fp32", None, False)],
 }
 

@@ -69,11 +69,19 @@ def test_random_weights_are_the_same_in_every_dtype():
 
 
 def test_llama_bench_json_is_parsed():
+    """Prefill from an empty context; decode at the prompt's depth, as the other engines decode (and from an empty
+    context, for the note)."""
     stdout = "build: ...\n" + json.dumps([
-        {"model_filename": "m.gguf", "n_prompt": 512, "n_gen": 0, "avg_ts": 210.5},
-        {"model_filename": "m.gguf", "n_prompt": 0, "n_gen": 128, "avg_ts": 41.25},
+        {"model_filename": "m.gguf", "n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": 210.5},
+        {"model_filename": "m.gguf", "n_prompt": 0, "n_gen": 128, "n_depth": 0, "avg_ts": 41.25},
+        {"model_filename": "m.gguf", "n_prompt": 512, "n_gen": 0, "n_depth": 512, "avg_ts": 150.0},
+        {"model_filename": "m.gguf", "n_prompt": 0, "n_gen": 128, "n_depth": 512, "avg_ts": 30.5},
     ])
-    assert parse_llama_bench(stdout) == (210.5, 41.25)
+    assert parse_llama_bench(stdout, 512) == (210.5, 30.5, 41.25)
+    without_depth = "\n" + json.dumps([{"n_prompt": 512, "n_gen": 0, "avg_ts": 210.5},
+                                       {"n_prompt": 0, "n_gen": 128, "avg_ts": 41.25}])
+    with pytest.raises(ValueError, match="no generation at a depth of 512"):
+        parse_llama_bench(without_depth, 512)
 
 
 @pytest.mark.parametrize("a, b, expected", [([1, 2, 3, 4], [1, 2, 3, 4], (1.0, 4)),
