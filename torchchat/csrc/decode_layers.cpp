@@ -34,6 +34,7 @@
 
 #include "attend.h"
 #include "gemv_rows.h"
+#include "linear_rows.h"
 
 #include <array>
 #include <cmath>
@@ -45,32 +46,9 @@ namespace {
 
 using namespace torchchat_cpu;
 
-constexpr int64_t kGrainRows = 64;  // as gemv.cpp: rows per thread at least
 constexpr int kLinears = 7;
 enum LinearIndex { kWq, kWk, kWv, kWo, kW1, kW3, kW2 };
 constexpr std::array<const char *, kLinears> kLinearNames = {"wq", "wk", "wv", "wo", "w1", "w3", "w2"};
-
-// One weight of the block, as its row kernel reads it.
-struct LinearWeight {
-  at::ScalarType dtype;                         // kFloat, kBFloat16, kChar (int8) or kByte (4-bit)
-  const void *data;                             // (out, in), or (out, in / 2) packed
-  const float *row_scale = nullptr;             // int8: (out,)
-  const c10::Half *scales_and_mins = nullptr;   // 4-bit: (out, in / group_size, 2)
-  int64_t group_size = 0;                       // 4-bit only
-  int64_t n_out = 0, n_in = 0;
-
-  // x as float32; xq, x16: as quantize_row (4-bit) or quantize_row_int16 (int8) made it for this weight
-  float row(int64_t o, const float *x, const QuantizedRow *xq, const Int16Row *x16) const {
-    switch (dtype) {
-      case at::kFloat: return dot_row(x, static_cast<const float *>(data) + o * n_in, n_in);
-      case at::kBFloat16: return dot_row(x, static_cast<const c10::BFloat16 *>(data) + o * n_in, n_in);
-      case at::kChar: return dot_row_int8(*x16, static_cast<const int8_t *>(data) + o * n_in, n_in) * row_scale[o];
-      default:
-        return dot_row_q4(*xq, static_cast<const uint8_t *>(data) + o * (n_in / 2),
-                          scales_and_mins + o * (n_in / group_size) * 2, n_in, group_size);
-    }
-  }
-};
 
 LinearWeight linear_weight(const std::optional<at::Tensor> &weight, const std::optional<at::Tensor> &aux,
                            int64_t group_size, const char *name) {
@@ -107,43 +85,6 @@ LinearWeight linear_weight(const std::optional<at::Tensor> &weight, const std::o
                   ": float32, bfloat16, int8 or 4-bit packed uint8 only");
   }
   return w;
-}
-
-struct Product {
-  const LinearWeight *weight;
-  float *out;  // (weight->n_out,)
-};
-
-// out_i = W_i x for weights that share the input x (n_in values): every row of every product is split over
-// torch's threads in ONE parallel region, and x is quantized once per 4-bit group size among them (and
-// once to int16 if any weight is int8).
-template <size_t N>
-void multiply(const float *x, const std::array<Product, N> &products) {
-  const int64_t n_in = products[0].weight->n_in;
-  std::vector<std::pair<int64_t, QuantizedRow>> quantized;  // (group size, x quantized for it)
-  quantized.reserve(N);  // no reallocation: xq points into it
-  std::array<const QuantizedRow *, N> xq{};
-  for (size_t i = 0; i < N; i++) {
-    const int64_t g = products[i].weight->group_size;
-    if (g == 0) continue;
-    auto it = std::find_if(quantized.begin(), quantized.end(), [g](const auto &entry) { return entry.first == g; });
-    if (it == quantized.end()) it = quantized.emplace(quantized.end(), g, quantize_row(x, n_in, g));
-    xq[i] = &it->second;
-  }
-  const bool any_int8 = std::any_of(products.begin(), products.end(),
-                                    [](const Product &p) { return p.weight->dtype == at::kChar; });
-  const Int16Row x16 = any_int8 ? quantize_row_int16(x, n_in) : Int16Row{};
-  int64_t total = 0;
-  for (const Product &p : products) total += p.weight->n_out;
-  at::parallel_for(0, total, kGrainRows, [&](int64_t begin, int64_t end) {
-    int64_t first_row = 0;  // of products[i] in [0, total)
-    for (size_t i = 0; i < N; i++) {
-      const LinearWeight &w = *products[i].weight;
-      const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + w.n_out) - first_row;
-      for (int64_t o = lo; o < hi; o++) products[i].out[o] = w.row(o, x, xq[i], &x16);
-      first_row += w.n_out;
-    }
-  });
 }
 
 // v[0 .. n) rounded to bfloat16 (nearest, ties to even, as torch rounds) and kept in float32: a bfloat16
@@ -192,31 +133,27 @@ void rotate(float *heads, int64_t n_heads, int64_t head_dim, const float *rope) 
   }
 }
 
-void swiglu_bf16(float *gate, const float *up, int64_t n);
-
-// gate[i] = silu(gate[i]) * up[i], silu(a) = a * sigmoid(a); exp8 takes arguments <= 0: e = exp(-|a|),
+// v[i] = silu(v[i]) = v[i] * sigmoid(v[i]) in place; exp8 takes arguments <= 0: e = exp(-|a|),
 // sigmoid(a) = 1 / (1 + e) for a >= 0, e / (1 + e) below.
-void swiglu(float *gate, const float *up, int64_t n, bool bf16) {
-  if (bf16) return swiglu_bf16(gate, up, n);
+void silu(float *v, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 a = _mm256_loadu_ps(gate + i);
+    const __m256 a = _mm256_loadu_ps(v + i);
     const __m256 e = exp8(_mm256_or_ps(a, sign));  // exp(-|a|)
     const __m256 numerator = _mm256_blendv_ps(one, e, a);  // a's sign bit set (a < 0): e
-    const __m256 sigmoid = _mm256_div_ps(numerator, _mm256_add_ps(one, e));
-    _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(a, sigmoid), _mm256_loadu_ps(up + i)));
+    _mm256_storeu_ps(v + i, _mm256_mul_ps(a, _mm256_div_ps(numerator, _mm256_add_ps(one, e))));
   }
-  for (; i < n; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  for (; i < n; i++) v[i] = v[i] / (1.0f + std::exp(-v[i]));
 }
 
-// bf16 modules: silu(gate) is rounded before the product, and the product again.
-void swiglu_bf16(float *gate, const float *up, int64_t n) {
-  std::vector<float> ones(n, 1.0f);
-  swiglu(gate, ones.data(), n, false);  // silu(gate)
-  round_bf16(gate, n);
+// gate[i] = silu(gate[i]) * up[i] (model.FeedForward); bf16: rounded where the bf16 modules round, after silu
+// and after the product.
+void swiglu(float *gate, const float *up, int64_t n, bool bf16) {
+  silu(gate, n);
+  if (bf16) round_bf16(gate, n);
   for (int64_t i = 0; i < n; i++) gate[i] *= up[i];
-  round_bf16(gate, n);
+  if (bf16) round_bf16(gate, n);
 }
 
 // One block's weights and caches, checked: what run_block reads.

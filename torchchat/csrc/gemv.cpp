@@ -11,7 +11,7 @@
 // bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32 (int8: x in int16,
 // see gemv_rows.h).
 // Built by torchchat/cpu_kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
-// row kernels are in gemv_rows.h.
+// row kernels are in gemv_rows.h, the row loop (multiply, shared with decode_layers.cpp) in linear_rows.h.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,8 +21,9 @@
 #include <immintrin.h>
 
 #include "gemv_rows.h"
+#include "linear_rows.h"
 
-#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -30,28 +31,6 @@
 namespace {
 
 using namespace torchchat_cpu;
-
-constexpr int64_t kGrainRows = 64;  // rows per thread at least: tiny matrices stay on one thread
-
-template <typename T>
-void gemv_typed(const float *x, const T *w, const float *scale, float *y, int64_t n_out, int64_t n_in) {
-  at::parallel_for(0, n_out, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; o++) {
-      const float sum = dot_row(x, w + o * n_in, n_in);
-      y[o] = scale ? sum * scale[o] : sum;
-    }
-  });
-}
-
-void gemv_int8(const float *x, const int8_t *w, const float *scale, float *y, int64_t n_out, int64_t n_in) {
-  const Int16Row xq = quantize_row_int16(x, n_in);
-  at::parallel_for(0, n_out, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; o++) {
-      const float sum = dot_row_int8(xq, w + o * n_in, n_in);
-      y[o] = scale ? sum * scale[o] : sum;
-    }
-  });
-}
 
 at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &scale) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "torchchat::gemv: CPU tensors only");
@@ -65,21 +44,13 @@ at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::option
     TORCH_CHECK(scale->numel() == n_out, "torchchat::gemv: scale must have ", n_out, " values");
     scale32 = scale->reshape({n_out}).to(at::kFloat).contiguous();  // (out,)
   }
-  const float *s = scale32 ? scale32->data_ptr<float>() : nullptr;
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar,
+              "torchchat::gemv: weight dtype ", dtype, " is not float32, bfloat16 or int8");
+  const LinearWeight w{dtype, weight.data_ptr(), scale32 ? scale32->data_ptr<float>() : nullptr, nullptr, 0, n_out,
+                       n_in};
   at::Tensor y = at::empty({n_out}, x.options().dtype(at::kFloat));  // (out,)
-  switch (weight.scalar_type()) {
-    case at::kFloat:
-      gemv_typed(x32.data_ptr<float>(), weight.data_ptr<float>(), s, y.data_ptr<float>(), n_out, n_in);
-      break;
-    case at::kBFloat16:
-      gemv_typed(x32.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), s, y.data_ptr<float>(), n_out, n_in);
-      break;
-    case at::kChar:
-      gemv_int8(x32.data_ptr<float>(), weight.data_ptr<int8_t>(), s, y.data_ptr<float>(), n_out, n_in);
-      break;
-    default:
-      TORCH_CHECK(false, "torchchat::gemv: weight dtype ", weight.scalar_type(), " is not float32, bfloat16 or int8");
-  }
+  multiply(x32.data_ptr<float>(), std::array<Product, 1>{{{&w, y.data_ptr<float>()}}});
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = n_out;
   return y.view(sizes).to(x.scalar_type());  // (..., out)
@@ -103,18 +74,10 @@ at::Tensor gemv_int4(const at::Tensor &x, const at::Tensor &packed, const at::Te
                   scales_and_mins.numel() == n_out * n_groups * 2,
               "torchchat::gemv_int4: scales_and_mins must be (", n_out, ", ", n_groups, ", 2) float16, contiguous");
   const at::Tensor x32 = x.reshape({n_in}).to(at::kFloat).contiguous();  // (in,)
-  const QuantizedRow xq = quantize_row(x32.data_ptr<float>(), n_in, group_size);
+  const LinearWeight w{at::kByte, packed.data_ptr(), nullptr, scales_and_mins.data_ptr<c10::Half>(), group_size, n_out,
+                       n_in};
   at::Tensor y = at::empty({n_out}, x.options().dtype(at::kFloat));  // (out,)
-  const uint8_t *qp = packed.data_ptr<uint8_t>();
-  const c10::Half *smp = scales_and_mins.data_ptr<c10::Half>();
-  float *yp = y.data_ptr<float>();
-  at::parallel_for(0, n_out, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; o++) {
-      const uint8_t *q = qp + o * (n_in / 2);
-      const c10::Half *sm = smp + o * n_groups * 2;
-      yp[o] = dot_row_q4(xq, q, sm, n_in, group_size);
-    }
-  });
+  multiply(x32.data_ptr<float>(), std::array<Product, 1>{{{&w, y.data_ptr<float>()}}});
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = n_out;
   return y.view(sizes).to(x.scalar_type());  // (..., out)
