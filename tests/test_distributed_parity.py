@@ -67,6 +67,16 @@ def kernel_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
         gen.close()
 
 
+def fused_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
+    """Does this rank send its batch-1 decode steps through the CPU block op, and over how many layers?"""
+    gen = _build(source, world, tp, pp, max_seq_len=64)
+    try:
+        model = gen.runner.model if pp == 1 else gen.runner.module.model
+        return isinstance(model.decode_layers, cpu_kernels.FusedDecode), len(model.layers)
+    finally:
+        gen.close()
+
+
 def _never_called():
     raise AssertionError("only rank 0 reads the user")
 
@@ -81,10 +91,6 @@ def _local_tokens(source, runs, max_seq_len, dtype=None):
         model = load_model(source, read_model_args(source), dtype=DTYPES[dtype])
         gen = LocalGenerator(model, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=4,
                              out=io.StringIO(), err=io.StringIO())
-        # The ranks run the modules. In bf16 the local CPU block op (cpu_kernels.use_fused_decode) rounds where
-        # the modules do but sums in another order, and a random tiny model's near-tied logits then flip a
-        # late token (tests/test_decode_layers.py checks that op against the modules); fp32 runs keep it.
-        gen.model.decode_layers = None
     return [[c.tokens for c in gen.run_generate(prompt, args)] for prompt, args in runs]
 
 
@@ -114,6 +120,16 @@ def test_cpu_ranks_attend_through_the_kernel(tiny_model, tp, pp):
     layers = tiny_model.args.n_layers
     assert [len(r) for r in results] == ([layers] * tp if pp == 1 else [layers // pp] * pp)
     assert all(all(r) for r in results)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")
+def test_cpu_pipeline_stages_take_the_block_op_and_tp_ranks_do_not(tiny_model):
+    """A pipeline stage without TP runs its layers' decode step in one block-op call (the parity tests compare
+    its tokens with LocalGenerator's, which uses the same op); a TP rank's linears carry the collectives' hooks,
+    so it keeps the modules."""
+    layers = tiny_model.args.n_layers
+    assert run_ranks(fused_worker, 2, tiny_source(tiny_model), 1, 2, timeout=90) == [(True, layers // 2)] * 2
+    assert run_ranks(fused_worker, 2, tiny_source(tiny_model), 2, 1, timeout=90) == [(False, layers)] * 2
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=lambda v: str(v))

@@ -116,6 +116,9 @@ class DistributedGenerator(Generator):
                   device=device, turn_group=turn_group, **kwargs)
         if device.type == "cpu":  # speed: decode attention over the filled cache only (this rank's heads)
             cpu_kernels.use_decode_attention(model)
+            if dims.tp == 1:  # speed: a stage's batch-1 decode step in one block-op call, as LocalGenerator's
+                cpu_kernels.use_gemv(model)  # (TP ranks: the linears carry the collectives' hooks)
+                cpu_kernels.use_fused_decode(model)
         gen.log(f"stage {stage_index + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
                 f"tp {mesh.get_local_rank('tp') + 1}/{dims.tp}: loaded {source.name} ({dtype}, {device}) in "
                 f"{time.perf_counter() - t0:.2f} s, peak memory {peak_memory_mb(device):.0f} MB")
