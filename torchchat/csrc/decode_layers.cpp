@@ -89,7 +89,7 @@ LinearWeight linear_weight(const std::optional<at::Tensor> &weight, const std::o
 
 // v[0 .. n) rounded to bfloat16 (nearest, ties to even, as torch rounds) and kept in float32: a bfloat16
 // model's modules round after every op; the block does the same where they do, so that its tokens are
-// theirs (DistributedGenerator's ranks run the modules: local and distributed greedy tokens must agree).
+// theirs (DistributedGenerator's TP ranks run the modules: local and distributed greedy tokens must agree).
 void round_bf16(float *v, int64_t n) {
   const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1),
                 high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
