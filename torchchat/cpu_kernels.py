@@ -224,8 +224,9 @@ class FusedDecode:
     Speed: gathering the ~230 tensors of SmolLM2's 30 blocks from their modules takes ~1 ms of Python a token
     (nn.Module attribute lookups and the garbage collector's passes over the new lists), a tenth of an
     int4 token. Eager steps reuse them while the caches they were gathered with are the model's (a larger
-    batch re-allocates every cache: ``Transformer.setup_caches``); a compiled step gathers them in its
-    traced code, which costs nothing when it runs.
+    batch re-allocates every cache: ``Transformer.setup_caches``). A compiled step gathers them in its
+    traced code: Dynamo lifts them as the graph's inputs and passes them itself at every call (its own
+    per-call cost, docs/performance.md).
     """
 
     def __init__(self):
