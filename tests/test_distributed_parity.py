@@ -57,22 +57,14 @@ def chat_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, li
 
 
 def kernel_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
-    """Which of this rank's attention layers send decode steps to the CPU attention op."""
+    """Which of this rank's attention layers send decode steps to the CPU attention op, and does the rank send
+    its batch-1 decode steps through the CPU block op."""
     gen = _build(source, world, tp, pp, max_seq_len=64)
     try:
         model = gen.runner.model if pp == 1 else gen.runner.module.model
-        return [layer.attention.decode_attention is torch.ops.torchchat.decode_attention
-                for layer in model.layers.values()]
-    finally:
-        gen.close()
-
-
-def fused_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
-    """Does this rank send its batch-1 decode steps through the CPU block op, and over how many layers?"""
-    gen = _build(source, world, tp, pp, max_seq_len=64)
-    try:
-        model = gen.runner.model if pp == 1 else gen.runner.module.model
-        return isinstance(model.decode_layers, cpu_kernels.FusedDecode), len(model.layers)
+        attention = [layer.attention.decode_attention is torch.ops.torchchat.decode_attention
+                     for layer in model.layers.values()]
+        return attention, isinstance(model.decode_layers, cpu_kernels.FusedDecode)
     finally:
         gen.close()
 
@@ -115,21 +107,14 @@ def test_tiny_greedy_matches_local(tiny_model, tp, pp):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=lambda v: str(v))
 def test_cpu_ranks_attend_through_the_kernel(tiny_model, tp, pp):
     """Every layer of every rank (a TP shard's local heads, a stage's own layers): the parity tests above
-    then compare those ranks' tokens with LocalGenerator's."""
+    then compare those ranks' tokens with LocalGenerator's. A pipeline stage without TP also runs its layers'
+    decode step in one block-op call, as LocalGenerator does; a TP rank's linears carry the collectives' hooks,
+    so it keeps the modules."""
     results = run_ranks(kernel_worker, tp * pp, tiny_source(tiny_model), tp, pp, timeout=90)
     layers = tiny_model.args.n_layers
-    assert [len(r) for r in results] == ([layers] * tp if pp == 1 else [layers // pp] * pp)
-    assert all(all(r) for r in results)
-
-
-@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")
-def test_cpu_pipeline_stages_take_the_block_op_and_tp_ranks_do_not(tiny_model):
-    """A pipeline stage without TP runs its layers' decode step in one block-op call (the parity tests compare
-    its tokens with LocalGenerator's, which uses the same op); a TP rank's linears carry the collectives' hooks,
-    so it keeps the modules."""
-    layers = tiny_model.args.n_layers
-    assert run_ranks(fused_worker, 2, tiny_source(tiny_model), 1, 2, timeout=90) == [(True, layers // 2)] * 2
-    assert run_ranks(fused_worker, 2, tiny_source(tiny_model), 2, 1, timeout=90) == [(False, layers)] * 2
+    assert [len(attention) for attention, _ in results] == ([layers] * tp if pp == 1 else [layers // pp] * pp)
+    assert all(all(attention) for attention, _ in results)
+    assert [fused for _, fused in results] == [tp == 1] * (tp * pp)
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=lambda v: str(v))

@@ -20,6 +20,7 @@ namespace torchchat_cpu {
 
 using torchchat_avx2::hmax;
 using torchchat_avx2::hsum;
+using torchchat_avx2::load8;
 
 // exp(x) for x <= 0 (scores minus their maximum), 8 at a time: 2^n * e^r with r in [-ln2/2, ln2/2] and
 // a degree-6 polynomial for e^r (Cephes' expf coefficients; relative error ~2e-7). Below -87 it is 0.
@@ -42,21 +43,15 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(is_tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
 }
 
-// 8 cache values as float32
-inline __m256 load_cache8(const float *p) { return _mm256_loadu_ps(p); }
-inline __m256 load_cache8(const c10::Half *p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
-}
-
 template <typename T>
 float dot(const float *a, const T *b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_cache8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_cache8(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_cache8(b + i), acc0);
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   float sum = hsum(_mm256_add_ps(acc0, acc1));
   for (; i < n; i++) sum += a[i] * static_cast<float>(b[i]);
   return sum;
@@ -68,7 +63,7 @@ void axpy(float *out, float w, const T *v, int64_t n) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, load_cache8(v + i), _mm256_loadu_ps(out + i)));
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, load8(v + i), _mm256_loadu_ps(out + i)));
   for (; i < n; i++) out[i] += w * static_cast<float>(v[i]);
 }
 
@@ -92,7 +87,7 @@ void scores(const float *q, const T *k, float *s, int64_t len, int64_t head_dim,
       for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
       for (int64_t i = 0; i < head_dim; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load_cache8(kt + j * head_dim + i), a[j]);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load8(kt + j * head_dim + i), a[j]);
       }
       _mm256_storeu_ps(s + t, _mm256_mul_ps(sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), vscale));
     }
@@ -109,7 +104,7 @@ void weighted_sum64(const float *p, const T *v, int64_t stride, int64_t len, flo
   for (int64_t t = 0; t < len; t++) {
     const __m256 w = _mm256_set1_ps(p[t]);
     const T *vt = v + t * stride;
-    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(w, load_cache8(vt + 8 * j), a[j]);
+    for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(w, load8(vt + 8 * j), a[j]);
   }
   for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, a[j]);
 }

@@ -20,14 +20,7 @@ namespace torchchat_cpu {
 
 using torchchat_avx2::hmax;
 using torchchat_avx2::hsum;
-
-inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const c10::BFloat16 *p) {
-  // bf16 -> float32: widen each 16-bit value to 32 bits and shift it into the high half
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
+using torchchat_avx2::load8;
 
 template <typename T>
 inline float dot_row(const float *x, const T *row, int64_t n_in) {
