@@ -27,19 +27,31 @@ struct LinearWeight {
   int64_t group_size = 0;                       // 4-bit only
   int64_t n_out = 0, n_in = 0;
 
-  // Row o of W times x (times its row scale). x as float32; xq, x16: as quantize_row (4-bit) or
-  // quantize_row_int16 (int8) made it for this weight.
-  float row(int64_t o, const float *x, const QuantizedRow *xq, const Int16Row *x16) const {
-    float sum;
+  // out[o] = row o of W times x (times its row scale) for o in [lo, hi). x as float32; xq, x16: as quantize_row
+  // (4-bit) or quantize_row_int16 (int8) made it for this weight. Speed: one switch for the rows, not one a row
+  // (a switch a row made SmolLM2-sized int4 products ~15% slower).
+  void rows(int64_t lo, int64_t hi, const float *x, const QuantizedRow *xq, const Int16Row *x16, float *out) const {
     switch (dtype) {
-      case at::kFloat: sum = dot_row(x, static_cast<const float *>(data) + o * n_in, n_in); break;
-      case at::kBFloat16: sum = dot_row(x, static_cast<const c10::BFloat16 *>(data) + o * n_in, n_in); break;
-      case at::kChar: sum = dot_row_int8(*x16, static_cast<const int8_t *>(data) + o * n_in, n_in); break;
-      default:
-        sum = dot_row_q4(*xq, static_cast<const uint8_t *>(data) + o * (n_in / 2),
-                         scales_and_mins + o * (n_in / group_size) * 2, n_in, group_size);
+      case at::kFloat:
+        for (int64_t o = lo; o < hi; o++) out[o] = dot_row(x, static_cast<const float *>(data) + o * n_in, n_in);
+        break;
+      case at::kBFloat16:
+        for (int64_t o = lo; o < hi; o++)
+          out[o] = dot_row(x, static_cast<const c10::BFloat16 *>(data) + o * n_in, n_in);
+        break;
+      case at::kChar:
+        for (int64_t o = lo; o < hi; o++)
+          out[o] = dot_row_int8(*x16, static_cast<const int8_t *>(data) + o * n_in, n_in);
+        break;
+      default: {
+        const int64_t row_bytes = n_in / 2, row_groups = n_in / group_size;
+        for (int64_t o = lo; o < hi; o++)
+          out[o] = dot_row_q4(*xq, static_cast<const uint8_t *>(data) + o * row_bytes,
+                              scales_and_mins + o * row_groups * 2, n_in, group_size);
+      }
     }
-    return row_scale ? sum * row_scale[o] : sum;
+    if (row_scale)
+      for (int64_t o = lo; o < hi; o++) out[o] *= row_scale[o];
   }
 };
 
@@ -74,7 +86,7 @@ void multiply(const float *x, const std::array<Product, N> &products) {
     for (size_t i = 0; i < N; i++) {
       const LinearWeight &w = *products[i].weight;
       const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + w.n_out) - first_row;
-      for (int64_t o = lo; o < hi; o++) products[i].out[o] = w.row(o, x, xq[i], &x16);
+      if (lo < hi) w.rows(lo, hi, x, xq[i], &x16, products[i].out);
       first_row += w.n_out;
     }
   });
