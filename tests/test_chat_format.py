@@ -33,6 +33,9 @@ LLAMA2_HF_TEMPLATE = (
     "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+# ChatML, as a Jinja template.
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def user(text):
@@ -218,8 +221,7 @@ def test_template_that_fails_falls_back_to_builtin(tmp_path, caplog):
 
 def test_template_that_rewrites_contents(smollm2):
     _, tok = smollm2
-    fmt = JinjaChatFormat(tok, "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fmt = JinjaChatFormat(tok, CHATML_TEMPLATE)
     assert fmt.encode_turn([user("hi")], first=True) == tok.encode_template("<|im_start|>user\nhi<|im_end|>\n"
                                                                             "<|im_start|>assistant\n")
     with pytest.raises(ChatFormatError, match="rewrites"):
@@ -247,6 +249,15 @@ def test_bad_messages(smollm2, llama2, messages, expected):
 
 
 def test_template_is_sandboxed(smollm2):
-    with pytest.raises(ChatFormatError):
-        JinjaChatFormat(smollm2[1], "{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    assert issubclass(jinja2.exceptions.SecurityError, jinja2.TemplateError)
+    """A template that reaches Python's object graph (here it only counts object's subclasses and
+    renders nothing) works in a plain Jinja environment and is refused by the sandbox, with the
+    sandbox's own reason."""
+    _, tok = smollm2
+    escape = "{% if messages.__class__.__mro__[1].__subclasses__() | length > 0 %}{% endif %}"
+    messages = [user("hi")]
+    plain = jinja2.Environment().from_string(escape + CHATML_TEMPLATE)
+    assert (plain.render(messages=messages, add_generation_prompt=True)
+            == jinja2.Environment().from_string(CHATML_TEMPLATE).render(messages=messages, add_generation_prompt=True))
+    with pytest.raises(ChatFormatError, match=r"access to attribute '__class__' of 'list' object is unsafe"):
+        JinjaChatFormat(tok, escape + CHATML_TEMPLATE)
+    assert issubclass(jinja2.exceptions.SecurityError, jinja2.TemplateError)  # so the message above is caught
