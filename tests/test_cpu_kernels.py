@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torchchat import cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.quantize import Int4Linear, Int8Linear
 
+ROOT = Path(__file__).resolve().parent.parent
 # Where both are present (this project's machines) a failed build fails the tests rather than skipping them.
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
                                 reason="needs an AVX2 CPU and a C++ compiler")
@@ -172,16 +174,49 @@ def test_int4_linear_one_row_uses_the_kernel_and_traces(monkeypatch):
     assert len(calls) == 1
 
 
+OPS = ("gemv", "gemv_int4", "dequantize_int4", "decode_attention", "decode_layers")
+
+
+def plain_generator(source, monkeypatch, **kwargs):
+    """A LocalGenerator built and run as with TORCHCHAT_CPU_KERNELS=0 (in this process, where the ops are
+    loaded: ``available()`` is False, as the switch makes it): torch's modules only. The generator's
+    ``complete`` runs with every op replaced by one that fails, so nothing can reach the kernels."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "available", lambda: False)
+        gen = local_generator(source, **kwargs)
+    assert gen.model.decode_layers is None
+    assert not any(isinstance(module, cpu_kernels.GemvLinear) for module in gen.model.modules())
+    assert all(layer.attention.decode_attention is None for layer in gen.model.layers.values())
+
+    def refuse(*args):
+        raise AssertionError("a torchchat op was called with the kernels off")
+
+    def complete(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "available", lambda: False)
+            for op in OPS:
+                m.setattr(torch.ops.torchchat, op, refuse)
+            return real_complete(*args, **kwargs)
+    real_complete, gen.complete = gen.complete, complete
+    return gen
+
+
 def test_decode_through_the_kernels_gives_the_same_greedy_tokens(tiny_model, monkeypatch):
-    """LocalGenerator on CPU routes one-row linears to the op; switched off, they take torch's F.linear."""
+    """LocalGenerator on CPU runs each batch-1 decode step through decode_layers (the blocks) and gemv (the
+    output layer); built with the kernels off, it runs torch's modules. float32: the same greedy tokens (the
+    logits differ by at most 6.7e-5 of the largest, the top two by at least 2.7e-3 over 40 steps: measured)."""
     gen = local_generator(tiny_source(tiny_model))
-    used = []
-    real_supports = cpu_kernels.supports
-    monkeypatch.setattr(cpu_kernels, "supports", lambda x, w: used.append(1) or real_supports(x, w))
+    calls = {op: 0 for op in OPS}
+    for op in OPS:
+        real = getattr(torch.ops.torchchat, op)
+        monkeypatch.setattr(torch.ops.torchchat, op,
+                            lambda *a, op=op, real=real: calls.__setitem__(op, calls[op] + 1) or real(*a))
     with_kernels = gen.complete(Turn(gen.encode_prompt("Once upon a time"), GREEDY))[0].tokens
-    assert len(used) > 0
-    monkeypatch.setattr(cpu_kernels, "supports", lambda x, w: False)
-    without = gen.complete(Turn(gen.encode_prompt("Once upon a time"), GREEDY))[0].tokens
+    steps = GREEDY.max_new_tokens - 1  # the first token comes from prefill, its last position's logits from gemv
+    assert calls == {"gemv": steps + 1, "gemv_int4": 0, "dequantize_int4": 0, "decode_attention": 0,
+                     "decode_layers": steps}
+    plain = plain_generator(tiny_source(tiny_model), monkeypatch)
+    without = plain.complete(Turn(plain.encode_prompt("Once upon a time"), GREEDY))[0].tokens
     assert with_kernels == without and len(with_kernels) == GREEDY.max_new_tokens
 
 
@@ -290,6 +325,22 @@ def test_built_once_into_the_cache(tmp_path):
 def test_switched_off_by_the_environment(tmp_path):
     proc = _available_in_subprocess(tmp_path, TORCHCHAT_CPU_KERNELS="0")
     assert proc.stdout.strip() == "False" and not list(tmp_path.glob("*"))
+
+
+def test_generate_with_the_kernels_switched_off(tiny_model, tmp_path):
+    """TORCHCHAT_CPU_KERNELS=0 python torchchat.py generate: torch's modules only (its kernel cache, empty, stays
+    empty: the library was neither built nor loaded) and, in float32, the text the kernels give in this process
+    (test_decode_through_the_kernels_gives_the_same_greedy_tokens measures the margin)."""
+    command = [sys.executable, str(ROOT / "torchchat.py"), "generate", *tiny_model.cli_flags(),
+               "--prompt", "Once upon a time", "--max-new-tokens", "24", "--temperature", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, "TORCHCHAT_CACHE": str(tmp_path), "TORCHCHAT_CPU_KERNELS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.iterdir()) and "building" not in proc.stderr
+    gen = local_generator(tiny_source(tiny_model))
+    assert isinstance(gen.model.decode_layers, cpu_kernels.FusedDecode)  # here, the kernels
+    expected = gen.run_generate("Once upon a time", GenerationArgs(max_new_tokens=24, temperature=0))[0].text
+    assert proc.stdout == "Once upon a time" + expected + "\n"
 
 
 def test_without_a_compiler_falls_back_with_a_message(tmp_path):
