@@ -57,6 +57,29 @@ def test_hf_names_and_rotary_layout_round_trip():
     assert torch.equal(unpermute(hf["model.layers.0.self_attn.q_proj.weight"], 4), state["layers.0.attention.wq.weight"])
     assert torch.equal(unpermute(hf["model.layers.0.self_attn.k_proj.weight"], 2), state["layers.0.attention.wk.weight"])
     assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"], state["layers.0.attention.wq.weight"])
+    # Meta's w1 is the gate (under SiLU), w3 the up projection, w2 the down one; a swap changes the outputs
+    # only in third order for small activations (test_transformers_peer_gives_torchchats_logits sees it).
+    for meta, hf_name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        assert hf[f"model.layers.0.mlp.{hf_name}.weight"] is state[f"layers.0.feed_forward.{meta}.weight"]
+
+
+def test_transformers_peer_gives_torchchats_logits():
+    """The transformers engine's LlamaForCausalLM, loaded as bench.py loads it (the quick model's random weights),
+    computes torchchat's Transformer's logits at every position of a 64-token prompt: within 1e-5 of the largest
+    (measured 2.6e-7, float32). Its rope theta x4 is off by 5.1e-3, its gate and up projections swapped by 5.4e-2."""
+    pytest.importorskip("transformers", reason="the transformers peer needs transformers (pip install transformers)")
+    from benchlib.transformers_engine import load_transformers
+    from benchlib.weights import QUICK_MODEL, load_weights, prompt_ids
+
+    args, ours = load_weights(QUICK_MODEL, torch.float32)
+    _, hf = load_transformers(QUICK_MODEL, torch.float32)
+    prompt = torch.tensor([prompt_ids(QUICK_MODEL, 64, args.vocab_size)])  # (1, 64)
+    ours.setup_caches(1, 64, dtype=torch.float32)
+    with torch.no_grad():
+        want = ours(prompt, torch.arange(64))  # (1, 64, V)
+        got = hf(prompt).logits  # (1, 64, V)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_random_weights_are_the_same_in_every_dtype():

@@ -53,17 +53,13 @@ def hf_config(args, dtype):
                        rope_parameters=rope, bos_token_id=None, eos_token_id=None, pad_token_id=0, dtype=dtype)
 
 
-def run_transformers(case: Case, w: Workload) -> Result:
+def load_transformers(model: str, dtype):
+    """(ModelArgs, LlamaForCausalLM) with this model's weights in ``dtype``: torchchat's, renamed."""
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    from transformers.generation.streamers import BaseStreamer
 
-    from torchchat.generate.local import DTYPES
-
-    t0 = time.perf_counter()
-    dtype = DTYPES[case.dtype]
-    args, ours = load_weights(case.model, dtype)
+    args, ours = load_weights(model, dtype)
     state = to_hf_state_dict(ours.state_dict(), args)
     del ours
     with torch.device("meta"):
@@ -71,7 +67,18 @@ def run_transformers(case: Case, w: Workload) -> Result:
     hf.load_state_dict(state, strict=True, assign=True)
     del state
     hf.model.rotary_emb = LlamaRotaryEmbedding(hf.config)  # its buffers were made on the meta device
-    hf = hf.eval().requires_grad_(False)
+    return args, hf.eval().requires_grad_(False)
+
+
+def run_transformers(case: Case, w: Workload) -> Result:
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    from torchchat.generate.local import DTYPES
+
+    t0 = time.perf_counter()
+    args, hf = load_transformers(case.model, DTYPES[case.dtype])
     result = new_result(case, w, hf, load_s=time.perf_counter() - t0)
     prompt = torch.tensor([prompt_ids(case.model, w.prompt_tokens, args.vocab_size)])
 
