@@ -177,13 +177,13 @@ def test_int4_linear_one_row_uses_the_kernel_and_traces(monkeypatch):
 OPS = ("gemv", "gemv_int4", "dequantize_int4", "decode_attention", "decode_layers")
 
 
-def plain_generator(source, monkeypatch, **kwargs):
+def plain_generator(source, monkeypatch):
     """A LocalGenerator built and run as with TORCHCHAT_CPU_KERNELS=0 (in this process, where the ops are
     loaded: ``available()`` is False, as the switch makes it): torch's modules only. The generator's
     ``complete`` runs with every op replaced by one that fails, so nothing can reach the kernels."""
     with monkeypatch.context() as m:
         m.setattr(cpu_kernels, "available", lambda: False)
-        gen = local_generator(source, **kwargs)
+        gen = local_generator(source)
     assert gen.model.decode_layers is None
     assert not any(isinstance(module, cpu_kernels.GemvLinear) for module in gen.model.modules())
     assert all(layer.attention.decode_attention is None for layer in gen.model.layers.values())
@@ -191,13 +191,15 @@ def plain_generator(source, monkeypatch, **kwargs):
     def refuse(*args):
         raise AssertionError("a torchchat op was called with the kernels off")
 
+    real_complete = gen.complete
+
     def complete(*args, **kwargs):
         with monkeypatch.context() as m:
             m.setattr(cpu_kernels, "available", lambda: False)
             for op in OPS:
                 m.setattr(torch.ops.torchchat, op, refuse)
             return real_complete(*args, **kwargs)
-    real_complete, gen.complete = gen.complete, complete
+    gen.complete = complete
     return gen
 
 
