@@ -10,13 +10,16 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import shutil
+import os
+import re
 import signal
+import sys
 import time
 
 import pytest
 
 from tests.server_process import ROOT, ServerProcess, port_is_free
+from tests.server_process import openai_client as client_for
 
 openai = pytest.importorskip("openai")
 
@@ -30,10 +33,6 @@ CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Germany": "Berlin", "Egypt": "
 
 def ask(country: str) -> list[dict]:
     return [{"role": "user", "content": f"What is the capital of {country}?"}]
-
-
-def client_for(server: ServerProcess, timeout: float = 120.0) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -391,36 +390,61 @@ def test_ctrl_c_during_a_stream_ends_it_cleanly(smollm2_gguf, tmp_path):
 
 # ----- distributed: rank 0 serves, rank 1 follows -----
 
-def _launch_supports_the_server() -> bool:
-    launch = ROOT / "torchchat" / "distributed" / "launch.py"
-    return launch.is_file() and "handler_distributed" in launch.read_text()
+def check_answers_like_the_local_one(server: ServerProcess, tiny):
+    client = client_for(server)
+    for country in ("France", "Germany"):
+        local = tiny.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
+        remote = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
+        assert remote.choices[0].message.content == local.choices[0].message.content
+        streamed = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8,
+                                                  stream=True, **GREEDY)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+            local.choices[0].message.content
 
 
-@pytest.mark.xfail(not _launch_supports_the_server(), strict=False,
-                   reason="torchchat/distributed/launch.py does not yet call args.handler_distributed(generator, "
-                          "args) on every rank for the server command")
+def check_ctrl_c_stops_every_rank(server: ServerProcess):
+    """Ctrl-C in a terminal: every process of the group gets SIGINT; rank 0 shuts down and tells the others.
+
+    The launcher forwards its copy to every rank as well, so rank 0 gets it twice: sent here in that order,
+    50 ms apart: the two never merge into one delivery (as they may when they arrive together), and the
+    second comes while rank 0 is still shutting down (its first 0.1 s tick has not even come).
+    """
+    ranks = [int(pid) for pid in re.findall(r"^\[rank\d+\] pid=(\d+)", server.log(), re.M)]
+    assert len(ranks) == 2, server.log()
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.05)
+    server.stop(signal.SIGINT, timeout=60)
+    log = server.log()
+    assert "Application shutdown complete" in log
+    assert "could not tell the other processes" not in log  # the follower left when rank 0 said so
+    assert port_is_free(server.port)
+
+
+PP2 = ["--pp", "2", "--max-seq-length", str(TINY_CONTEXT)]
+
+
 def test_distributed_server_answers_like_the_local_one(tiny_model, tiny, tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
-    launcher = ["torchrun", "--nproc-per-node", "2", "--standalone"]
-    server = ServerProcess([*tiny_model.cli_flags(), "--pp", "2", "--max-seq-length", str(TINY_CONTEXT)],
-                           tmp_path / "server.log", launcher=launcher)
+    # As the rest of the suite runs torchrun (tests/distributed_procs.py): a bare `torchrun` may not be on PATH.
+    # torchrun itself ends a Ctrl-C with exit code 1 and a SignalException traceback; the ranks must not.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2"]
+    server = ServerProcess([*tiny_model.cli_flags(), *PP2], tmp_path / "server.log", launcher=launcher,
+                           clean_exits={signal.SIGINT: 1}, launcher_traceback=r"SignalException: .* got signal: 2$")
     try:
         server.wait_ready(timeout=240)
-        client = client_for(server)
-        for country in ("France", "Germany"):
-            local = tiny.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
-            remote = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
-            assert remote.choices[0].message.content == local.choices[0].message.content
-            streamed = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8,
-                                                      stream=True, **GREEDY)
-            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
-                local.choices[0].message.content
-        server.send_signal(signal.SIGINT, group=True)  # Ctrl-C in a terminal: every rank gets it, rank 0 acts
-        server.proc.wait(60)
-        log = server.log()
-        assert "Application shutdown complete" in log
-        assert "could not tell the other processes" not in log  # the follower left when rank 0 said so
-        assert port_is_free(server.port)
+        check_answers_like_the_local_one(server, tiny)
+        check_ctrl_c_stops_every_rank(server)
     finally:
-        server.stop()
+        server.stop(signal.SIGKILL, check=False)
+
+
+def test_self_launched_distributed_server_answers_like_the_local_one(tiny_model, tiny, tmp_path):
+    """`python torchchat.py server --pp 2`: torchchat starts its own two ranks (no torchrun)."""
+    server = ServerProcess([*tiny_model.cli_flags(), *PP2], tmp_path / "server.log")
+    try:
+        server.wait_ready(timeout=240)
+        assert "[rank1] pid=" in server.log()
+        check_answers_like_the_local_one(server, tiny)
+        check_ctrl_c_stops_every_rank(server)
+    finally:
+        server.stop(signal.SIGKILL, check=False)
