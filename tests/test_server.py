@@ -1,8 +1,9 @@
 """The OpenAI-compatible server as users meet it: real `torchchat.py server` processes driven by the
 official `openai` client (and raw HTTP for what that client would never send).
 
-Two servers per module: a tiny random model (protocol, errors, shutdown; fast) and the default
-SmolLM2-135M-Instruct (answers that must be right, concurrency, stop strings, disconnects).
+Two servers per module: a tiny random model (protocol, errors, sampling, shutdown; fast) and the default
+SmolLM2-135M-Instruct (answers that must be right, concurrency, stop strings, disconnects); then the
+distributed servers, compared with the tiny one.
 """
 
 from __future__ import annotations
@@ -144,6 +145,21 @@ def test_completions_endpoint_text_and_token_prompts(tiny, tiny_model):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
 
 
+def test_a_prompt_may_be_a_list_of_one_prompt(tiny, tiny_model):
+    from torchchat.tokenizer import load_tokenizer_file
+
+    def answer(prompt) -> tuple[str, int]:
+        r = tiny.completions.create(model="model", prompt=prompt, max_tokens=6, **GREEDY)
+        return r.choices[0].text, r.usage.prompt_tokens
+
+    ids = load_tokenizer_file(tiny_model.tokenizer).encode("Once upon a time", bos=True)
+    assert answer(["Once upon a time"]) == answer([ids]) == answer("Once upon a time")
+    assert answer("Once upon a time") != answer("Once upon a")  # the prompt counts: the comparison can fail
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.completions.create(model="model", prompt=["Once upon a time", "Long ago"], max_tokens=2)
+    assert e.value.param == "prompt" and "one prompt per request" in e.value.message
+
+
 def test_n_samples_are_batched_and_streamed_by_index(tiny):
     kwargs = dict(model="model", prompt="Once upon a time", max_tokens=6, n=2, temperature=1.0, seed=11)
     r = tiny.completions.create(**kwargs)
@@ -154,13 +170,47 @@ def test_n_samples_are_batched_and_streamed_by_index(tiny):
         for c in chunk.choices:
             texts[c.index] += c.text
     assert texts == {0: r.choices[0].text, 1: r.choices[1].text}
-    chat = tiny.chat.completions.create(model="model", messages=ask("France"), max_tokens=4, n=3, temperature=1.0)
+    assert texts[0] != texts[1]  # two samples, not one twice
+    chat = tiny.chat.completions.create(model="model", messages=ask("France"), max_tokens=4, n=3, temperature=1.0,
+                                        seed=11)
     assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert len({c.message.content for c in chat.choices}) == 3
+
+
+def text_of(response) -> str:
+    return response.choices[0].text
 
 
 def test_seed_makes_a_request_reproducible(tiny):
     kwargs = dict(model="model", prompt="Once upon a time", max_tokens=10, temperature=1.0, top_p=0.9, seed=5)
-    assert tiny.completions.create(**kwargs).choices[0].text == tiny.completions.create(**kwargs).choices[0].text
+    assert text_of(tiny.completions.create(**kwargs)) == text_of(tiny.completions.create(**kwargs))
+
+
+# The tiny random model spreads its probability over many tokens: at temperature 1 no 10-token sample of
+# these seeds equals another or the greedy text (the seeds are fixed, so this holds on every run).
+SAMPLED = dict(model="model", prompt="Once upon a time", max_tokens=10)
+
+
+def test_sampled_texts_differ_from_greedy_and_across_seeds(tiny):
+    greedy = text_of(tiny.completions.create(**SAMPLED, **GREEDY))
+    sampled = [text_of(tiny.completions.create(**SAMPLED, temperature=1.0, seed=seed)) for seed in (1, 2, 3)]
+    assert greedy not in sampled and len(set(sampled)) == 3, (greedy, sampled)
+    # The temperature of the request is the one used: the same seed at another temperature samples otherwise.
+    assert text_of(tiny.completions.create(**SAMPLED, temperature=0.5, seed=1)) != sampled[0]
+    # A streamed chat samples too, as its plain twin does.
+    kwargs = dict(model="model", messages=ask("France"), max_tokens=8, temperature=1.0, seed=3)
+    plain = tiny.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in tiny.chat.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert streamed == plain != tiny.chat.completions.create(**{**kwargs, **GREEDY}).choices[0].message.content
+
+
+def test_top_k_is_honoured(tiny):
+    greedy = text_of(tiny.completions.create(**SAMPLED, **GREEDY))
+    for seed in (1, 2):
+        hot = dict(temperature=2.0, seed=seed)
+        assert text_of(tiny.completions.create(**SAMPLED, **hot)) != greedy  # the server's default top_k (200)
+        assert text_of(tiny.completions.create(**SAMPLED, **hot, extra_body={"top_k": 1})) == greedy
 
 
 def test_model_aliases_are_accepted_and_unknown_models_are_404(tiny):
@@ -224,9 +274,27 @@ def test_unsupported_message_content_is_400(tiny):
     assert e.value.param == "messages[0].role"
 
 
+def chat_answer(client, messages: list[dict]) -> tuple[str, int]:
+    """The greedy reply and the prompt's length in tokens."""
+    r = client.chat.completions.create(model="model", messages=messages, max_tokens=8, **GREEDY)
+    return r.choices[0].message.content, r.usage.prompt_tokens
+
+
 def test_text_content_parts_are_accepted(tiny):
-    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
-    assert tiny.chat.completions.create(model="model", messages=[{"role": "user", "content": parts}], max_tokens=2)
+    first, second = "What is the capital", "of France?"
+    parts = chat_answer(tiny, [{"role": "user", "content": [{"type": "text", "text": first},
+                                                            {"type": "text", "text": second}]}])
+    assert parts == chat_answer(tiny, [{"role": "user", "content": f"{first}\n{second}"}])  # one part per line
+    only_first = chat_answer(tiny, [{"role": "user", "content": [{"type": "text", "text": first}]}])
+    assert parts[1] > only_first[1] and parts[0] != only_first[0]  # both parts reached the model
+
+
+def test_the_developer_role_is_the_system_role(tiny):
+    question = {"role": "user", "content": "What is the capital of France?"}
+    developer = chat_answer(tiny, [{"role": "developer", "content": "Answer in French."}, question])
+    assert developer == chat_answer(tiny, [{"role": "system", "content": "Answer in French."}, question])
+    assert developer != chat_answer(tiny, [{"role": "user", "content": "Answer in French."}, question])
+    assert developer[1] > chat_answer(tiny, [question])[1]  # not dropped
 
 
 def test_max_tokens_beyond_the_context_is_400(tiny):
