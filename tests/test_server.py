@@ -1,9 +1,9 @@
 """The OpenAI-compatible server as users meet it: real `torchchat.py server` processes driven by the
 official `openai` client (and raw HTTP for what that client would never send).
 
-Two servers per module: a tiny random model (protocol, errors, sampling, shutdown; fast) and the default
+Two servers per module: a tiny random model (protocol, errors, sampling; fast) and the default
 SmolLM2-135M-Instruct (answers that must be right, concurrency, stop strings, disconnects); then the
-distributed servers, compared with the tiny one.
+distributed servers, compared with the tiny one. Shutdown and the queue's limit: test_server_shutdown.py.
 """
 
 from __future__ import annotations
@@ -338,17 +338,7 @@ def test_still_serving_after_bad_requests(tiny):
     assert tiny.chat.completions.create(model="model", messages=ask("France"), max_tokens=2).choices
 
 
-# ----- shutdown -----
-
-def test_sigterm_stops_the_server_and_frees_the_port(tiny_model, tmp_path):
-    server = ServerProcess(tiny_model.cli_flags(), tmp_path / "server.log").wait_ready()
-    client_for(server).completions.create(model="model", prompt="hi", max_tokens=2)
-    t0 = time.monotonic()
-    assert server.stop(signal.SIGTERM, timeout=30) == -signal.SIGTERM, server.log()
-    assert time.monotonic() - t0 < 15
-    assert port_is_free(server.port)
-    assert "Application shutdown complete" in server.log()
-
+# ----- a busy port -----
 
 def test_a_busy_port_is_a_one_line_error(tiny_server, tiny_model, tmp_path):
     import subprocess
@@ -435,25 +425,6 @@ def test_a_client_timing_out_on_a_plain_request_stops_the_generation(smol_server
     r = smol.chat.completions.create(model="smollm2-135m", messages=ask("Germany"), max_tokens=8, **GREEDY)
     assert "Berlin" in r.choices[0].message.content
     assert smol_server.log().count("request cancelled") == before + 1
-
-
-def test_ctrl_c_during_a_stream_ends_it_cleanly(smollm2_gguf, tmp_path):
-    server = ServerProcess(["--shutdown-timeout", "1"], tmp_path / "server.log").wait_ready()
-    try:
-        story = [{"role": "user", "content": "Write a long story about a dragon."}]
-        stream = client_for(server).chat.completions.create(model="smollm2-135m", messages=story, max_tokens=600,
-                                                            stream=True, **GREEDY)
-        next(iter(stream))
-        t0 = time.monotonic()
-        server.send_signal(signal.SIGINT)
-        with pytest.raises(openai.APIError, match="shutting down"):
-            for _ in stream:
-                pass
-        assert server.proc.wait(30) == 130  # the CLI's exit code for an interrupt
-        assert time.monotonic() - t0 < 15
-        assert port_is_free(server.port)
-    finally:
-        server.stop()
 
 
 # ----- distributed: rank 0 serves, rank 1 follows -----
