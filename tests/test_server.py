@@ -1,8 +1,9 @@
 """The OpenAI-compatible server as users meet it: real `torchchat.py server` processes driven by the
 official `openai` client (and raw HTTP for what that client would never send).
 
-Two servers per module: a tiny random model (protocol, errors, shutdown; fast) and the default
-SmolLM2-135M-Instruct (answers that must be right, concurrency, stop strings, disconnects).
+Two servers per module: a tiny random model (protocol, errors, sampling; fast) and the default
+SmolLM2-135M-Instruct (answers that must be right, concurrency, stop strings, disconnects); then the
+distributed servers, compared with the tiny one. Shutdown and the queue's limit: test_server_shutdown.py.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import shutil
+import os
+import re
 import signal
+import sys
 import time
 
 import pytest
 
 from tests.server_process import ROOT, ServerProcess, port_is_free
+from tests.server_process import openai_client as client_for
 
 openai = pytest.importorskip("openai")
 
@@ -30,10 +34,6 @@ CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Germany": "Berlin", "Egypt": "
 
 def ask(country: str) -> list[dict]:
     return [{"role": "user", "content": f"What is the capital of {country}?"}]
-
-
-def client_for(server: ServerProcess, timeout: float = 120.0) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,21 @@ def test_completions_endpoint_text_and_token_prompts(tiny, tiny_model):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
 
 
+def test_a_prompt_may_be_a_list_of_one_prompt(tiny, tiny_model):
+    from torchchat.tokenizer import load_tokenizer_file
+
+    def answer(prompt) -> tuple[str, int]:
+        r = tiny.completions.create(model="model", prompt=prompt, max_tokens=6, **GREEDY)
+        return r.choices[0].text, r.usage.prompt_tokens
+
+    ids = load_tokenizer_file(tiny_model.tokenizer).encode("Once upon a time", bos=True)
+    assert answer(["Once upon a time"]) == answer([ids]) == answer("Once upon a time")
+    assert answer("Once upon a time") != answer("Once upon a")  # the prompt counts: the comparison can fail
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.completions.create(model="model", prompt=["Once upon a time", "Long ago"], max_tokens=2)
+    assert e.value.param == "prompt" and "one prompt per request" in e.value.message
+
+
 def test_n_samples_are_batched_and_streamed_by_index(tiny):
     kwargs = dict(model="model", prompt="Once upon a time", max_tokens=6, n=2, temperature=1.0, seed=11)
     r = tiny.completions.create(**kwargs)
@@ -155,13 +170,47 @@ def test_n_samples_are_batched_and_streamed_by_index(tiny):
         for c in chunk.choices:
             texts[c.index] += c.text
     assert texts == {0: r.choices[0].text, 1: r.choices[1].text}
-    chat = tiny.chat.completions.create(model="model", messages=ask("France"), max_tokens=4, n=3, temperature=1.0)
+    assert texts[0] != texts[1]  # two samples, not one twice
+    chat = tiny.chat.completions.create(model="model", messages=ask("France"), max_tokens=4, n=3, temperature=1.0,
+                                        seed=11)
     assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert len({c.message.content for c in chat.choices}) == 3
+
+
+def text_of(response) -> str:
+    return response.choices[0].text
 
 
 def test_seed_makes_a_request_reproducible(tiny):
     kwargs = dict(model="model", prompt="Once upon a time", max_tokens=10, temperature=1.0, top_p=0.9, seed=5)
-    assert tiny.completions.create(**kwargs).choices[0].text == tiny.completions.create(**kwargs).choices[0].text
+    assert text_of(tiny.completions.create(**kwargs)) == text_of(tiny.completions.create(**kwargs))
+
+
+# The tiny random model spreads its probability over many tokens: at temperature 1 no 10-token sample of
+# these seeds equals another or the greedy text (the seeds are fixed, so this holds on every run).
+SAMPLED = dict(model="model", prompt="Once upon a time", max_tokens=10)
+
+
+def test_sampled_texts_differ_from_greedy_and_across_seeds(tiny):
+    greedy = text_of(tiny.completions.create(**SAMPLED, **GREEDY))
+    sampled = [text_of(tiny.completions.create(**SAMPLED, temperature=1.0, seed=seed)) for seed in (1, 2, 3)]
+    assert greedy not in sampled and len(set(sampled)) == 3, (greedy, sampled)
+    # The temperature of the request is the one used: the same seed at another temperature samples otherwise.
+    assert text_of(tiny.completions.create(**SAMPLED, temperature=0.5, seed=1)) != sampled[0]
+    # A streamed chat samples too, as its plain twin does.
+    kwargs = dict(model="model", messages=ask("France"), max_tokens=8, temperature=1.0, seed=3)
+    plain = tiny.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in tiny.chat.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert streamed == plain != tiny.chat.completions.create(**{**kwargs, **GREEDY}).choices[0].message.content
+
+
+def test_top_k_is_honoured(tiny):
+    greedy = text_of(tiny.completions.create(**SAMPLED, **GREEDY))
+    for seed in (1, 2):
+        hot = dict(temperature=2.0, seed=seed)
+        assert text_of(tiny.completions.create(**SAMPLED, **hot)) != greedy  # the server's default top_k (200)
+        assert text_of(tiny.completions.create(**SAMPLED, **hot, extra_body={"top_k": 1})) == greedy
 
 
 def test_model_aliases_are_accepted_and_unknown_models_are_404(tiny):
@@ -225,9 +274,27 @@ def test_unsupported_message_content_is_400(tiny):
     assert e.value.param == "messages[0].role"
 
 
+def chat_answer(client, messages: list[dict]) -> tuple[str, int]:
+    """The greedy reply and the prompt's length in tokens."""
+    r = client.chat.completions.create(model="model", messages=messages, max_tokens=8, **GREEDY)
+    return r.choices[0].message.content, r.usage.prompt_tokens
+
+
 def test_text_content_parts_are_accepted(tiny):
-    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
-    assert tiny.chat.completions.create(model="model", messages=[{"role": "user", "content": parts}], max_tokens=2)
+    first, second = "What is the capital", "of France?"
+    parts = chat_answer(tiny, [{"role": "user", "content": [{"type": "text", "text": first},
+                                                            {"type": "text", "text": second}]}])
+    assert parts == chat_answer(tiny, [{"role": "user", "content": f"{first}\n{second}"}])  # one part per line
+    only_first = chat_answer(tiny, [{"role": "user", "content": [{"type": "text", "text": first}]}])
+    assert parts[1] > only_first[1] and parts[0] != only_first[0]  # both parts reached the model
+
+
+def test_the_developer_role_is_the_system_role(tiny):
+    question = {"role": "user", "content": "What is the capital of France?"}
+    developer = chat_answer(tiny, [{"role": "developer", "content": "Answer in French."}, question])
+    assert developer == chat_answer(tiny, [{"role": "system", "content": "Answer in French."}, question])
+    assert developer != chat_answer(tiny, [{"role": "user", "content": "Answer in French."}, question])
+    assert developer[1] > chat_answer(tiny, [question])[1]  # not dropped
 
 
 def test_max_tokens_beyond_the_context_is_400(tiny):
@@ -271,17 +338,7 @@ def test_still_serving_after_bad_requests(tiny):
     assert tiny.chat.completions.create(model="model", messages=ask("France"), max_tokens=2).choices
 
 
-# ----- shutdown -----
-
-def test_sigterm_stops_the_server_and_frees_the_port(tiny_model, tmp_path):
-    server = ServerProcess(tiny_model.cli_flags(), tmp_path / "server.log").wait_ready()
-    client_for(server).completions.create(model="model", prompt="hi", max_tokens=2)
-    t0 = time.monotonic()
-    assert server.stop(signal.SIGTERM, timeout=30) == -signal.SIGTERM, server.log()
-    assert time.monotonic() - t0 < 15
-    assert port_is_free(server.port)
-    assert "Application shutdown complete" in server.log()
-
+# ----- a busy port -----
 
 def test_a_busy_port_is_a_one_line_error(tiny_server, tiny_model, tmp_path):
     import subprocess
@@ -370,57 +427,63 @@ def test_a_client_timing_out_on_a_plain_request_stops_the_generation(smol_server
     assert smol_server.log().count("request cancelled") == before + 1
 
 
-def test_ctrl_c_during_a_stream_ends_it_cleanly(smollm2_gguf, tmp_path):
-    server = ServerProcess(["--shutdown-timeout", "1"], tmp_path / "server.log").wait_ready()
-    try:
-        story = [{"role": "user", "content": "Write a long story about a dragon."}]
-        stream = client_for(server).chat.completions.create(model="smollm2-135m", messages=story, max_tokens=600,
-                                                            stream=True, **GREEDY)
-        next(iter(stream))
-        t0 = time.monotonic()
-        server.send_signal(signal.SIGINT)
-        with pytest.raises(openai.APIError, match="shutting down"):
-            for _ in stream:
-                pass
-        assert server.proc.wait(30) == 130  # the CLI's exit code for an interrupt
-        assert time.monotonic() - t0 < 15
-        assert port_is_free(server.port)
-    finally:
-        server.stop()
-
-
 # ----- distributed: rank 0 serves, rank 1 follows -----
 
-def _launch_supports_the_server() -> bool:
-    launch = ROOT / "torchchat" / "distributed" / "launch.py"
-    return launch.is_file() and "handler_distributed" in launch.read_text()
+def check_answers_like_the_local_one(server: ServerProcess, tiny):
+    client = client_for(server)
+    for country in ("France", "Germany"):
+        local = tiny.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
+        remote = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
+        assert remote.choices[0].message.content == local.choices[0].message.content
+        streamed = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8,
+                                                  stream=True, **GREEDY)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+            local.choices[0].message.content
 
 
-@pytest.mark.xfail(not _launch_supports_the_server(), strict=False,
-                   reason="torchchat/distributed/launch.py does not yet call args.handler_distributed(generator, "
-                          "args) on every rank for the server command")
+def check_ctrl_c_stops_every_rank(server: ServerProcess):
+    """Ctrl-C in a terminal: every process of the group gets SIGINT; rank 0 shuts down and tells the others.
+
+    The launcher forwards its copy to every rank as well, so rank 0 gets it twice: sent here in that order,
+    50 ms apart: the two never merge into one delivery (as they may when they arrive together), and the
+    second comes while rank 0 is still shutting down (its first 0.1 s tick has not even come).
+    """
+    ranks = [int(pid) for pid in re.findall(r"^\[rank\d+\] pid=(\d+)", server.log(), re.M)]
+    assert len(ranks) == 2, server.log()
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.05)
+    server.stop(signal.SIGINT, timeout=60)
+    log = server.log()
+    assert "Application shutdown complete" in log
+    assert "could not tell the other processes" not in log  # the follower left when rank 0 said so
+    assert port_is_free(server.port)
+
+
+PP2 = ["--pp", "2", "--max-seq-length", str(TINY_CONTEXT)]
+
+
 def test_distributed_server_answers_like_the_local_one(tiny_model, tiny, tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
-    launcher = ["torchrun", "--nproc-per-node", "2", "--standalone"]
-    server = ServerProcess([*tiny_model.cli_flags(), "--pp", "2", "--max-seq-length", str(TINY_CONTEXT)],
-                           tmp_path / "server.log", launcher=launcher)
+    # As the rest of the suite runs torchrun (tests/distributed_procs.py): a bare `torchrun` may not be on PATH.
+    # torchrun itself ends a Ctrl-C with exit code 1 and a SignalException traceback; the ranks must not.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2"]
+    server = ServerProcess([*tiny_model.cli_flags(), *PP2], tmp_path / "server.log", launcher=launcher,
+                           clean_exits={signal.SIGINT: 1}, launcher_traceback=r"SignalException: .* got signal: 2$")
     try:
         server.wait_ready(timeout=240)
-        client = client_for(server)
-        for country in ("France", "Germany"):
-            local = tiny.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
-            remote = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8, **GREEDY)
-            assert remote.choices[0].message.content == local.choices[0].message.content
-            streamed = client.chat.completions.create(model="model", messages=ask(country), max_tokens=8,
-                                                      stream=True, **GREEDY)
-            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
-                local.choices[0].message.content
-        server.send_signal(signal.SIGINT, group=True)  # Ctrl-C in a terminal: every rank gets it, rank 0 acts
-        server.proc.wait(60)
-        log = server.log()
-        assert "Application shutdown complete" in log
-        assert "could not tell the other processes" not in log  # the follower left when rank 0 said so
-        assert port_is_free(server.port)
+        check_answers_like_the_local_one(server, tiny)
+        check_ctrl_c_stops_every_rank(server)
     finally:
-        server.stop()
+        server.stop(signal.SIGKILL, check=False)
+
+
+def test_self_launched_distributed_server_answers_like_the_local_one(tiny_model, tiny, tmp_path):
+    """`python torchchat.py server --pp 2`: torchchat starts its own two ranks (no torchrun)."""
+    server = ServerProcess([*tiny_model.cli_flags(), *PP2], tmp_path / "server.log")
+    try:
+        server.wait_ready(timeout=240)
+        assert "[rank1] pid=" in server.log()
+        check_answers_like_the_local_one(server, tiny)
+        check_ctrl_c_stops_every_rank(server)
+    finally:
+        server.stop(signal.SIGKILL, check=False)

@@ -62,7 +62,8 @@ def serve_distributed(generator, args) -> int:
     if not generator.is_io_rank:
         server.follow(generator)
         return 0
-    server.serve(generator, server_config(args, resolve_source(args).name), cancellable=False)
+    server.serve(generator, server_config(args, resolve_source(args).name), cancellable=False,
+                 launched=True)
     return 0
 
 

@@ -1,18 +1,20 @@
 """Running the server: bind the port, run uvicorn until SIGINT/SIGTERM; ``follow`` for the other ranks.
 
 Shutdown: uvicorn stops accepting connections and gives in-flight requests ``shutdown_timeout``
-seconds to finish; then the engine cuts what is left (each such request ends with a 503 error, the
-running generation stops between two tokens). The application's lifespan then stops the engine,
-whose worker calls ``share_input(None)`` so that distributed followers leave their loop; the
-listening socket closes with the server.
+seconds to finish (a second Ctrl-C ends that wait); then the engine cuts what is left (each such
+request ends with a 503 error, the running generation stops between two tokens). The application's
+lifespan then stops the engine, whose worker calls ``share_input(None)`` so that distributed
+followers leave their loop; the listening socket closes with the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
+import time
 
 import uvicorn
 
@@ -22,6 +24,10 @@ from torchchat.server.app import ServerConfig, create_app
 from torchchat.server.engine import Engine
 
 BACKSTOP_S = 5.0  # after the grace period, how long cut requests get to end before uvicorn cancels them
+# Distributed, a launcher (torchrun, torchchat's own) forwards the SIGINT it gets to every rank, so one Ctrl-C
+# in a terminal reaches rank 0 twice, from the terminal and from the launcher, moments apart. A second
+# SIGINT this soon after the first is that echo, not a second Ctrl-C (which skips the wait).
+SIGINT_ECHO_S = 1.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -38,24 +44,25 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(generator: Generator, config: ServerConfig, *, sock: socket.socket | None = None,
-          cancellable: bool = True):
+          cancellable: bool = True, launched: bool = False):
     """Serve ``generator`` over HTTP until SIGINT or SIGTERM (runs on the I/O process only).
 
-    ``cancellable=False`` for a distributed generator: see ``Engine``.
+    ``cancellable=False`` for a distributed generator: see ``Engine``. ``launched``: under a launcher
+    that forwards a terminal's Ctrl-C to this process, which got it already (see ``SIGINT_ECHO_S``).
     """
     sock = sock or bind(config.host, config.port)
     _log_to_stderr()
     engine = Engine(generator, cancellable=cancellable, max_queue=config.max_queue)
     server = _Server(uvicorn.Config(create_app(engine, config), log_level="info",
                                     timeout_graceful_shutdown=config.shutdown_timeout + BACKSTOP_S), engine,
-                     config.shutdown_timeout)
+                     config.shutdown_timeout, SIGINT_ECHO_S if launched else 0.0)
     host, port = sock.getsockname()[:2]
     generator.report(f"serving {config.model_id} on http://{_url_host(host)}:{port}/ (chat page; OpenAI API "
                      f"under /v1); Ctrl-C stops")
     try:
         server.run(sockets=[sock])
     finally:
-        engine.stop()  # already done by the lifespan, unless a second Ctrl-C skipped it
+        engine.stop()  # already done by the lifespan, unless a third Ctrl-C skipped it
         sock.close()
 
 
@@ -66,10 +73,32 @@ class _Server(uvicorn.Server):
     uvicorn cancelling their tasks mid-write; uvicorn's own timeout stays as a backstop.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float):
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float, echo_s: float):
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
+        self.echo_s = echo_s
+        self.first_signal_at = 0.0
+        self.cut_early = False
+
+    def handle_exit(self, sig: int, frame):
+        """uvicorn's, except that a second Ctrl-C ends the grace period now instead of forcing the exit.
+
+        uvicorn's forced exit drops open connections mid-response and skips the application's
+        shutdown, so asyncio cancels tasks under it (CancelledError tracebacks in the log). Here the
+        engine cuts what is pending at once, as at the end of the grace period, and the shutdown runs
+        as usual; a third Ctrl-C forces. Under a launcher, the echo of the first one is dropped.
+        """
+        if sig == signal.SIGINT and self.should_exit and not self.cut_early:
+            if time.monotonic() - self.first_signal_at < self.echo_s:
+                return  # the launcher's copy of the first Ctrl-C
+            self.cut_early = True
+            # Not from here: a signal handler may run while the event loop's thread holds the engine's lock.
+            asyncio.get_running_loop().call_soon_threadsafe(self.engine.shutdown)
+            return
+        if not self.should_exit:
+            self.first_signal_at = time.monotonic()
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None):
         cut = asyncio.get_running_loop().call_later(self.grace_s, self.engine.shutdown)
