@@ -6,11 +6,13 @@ import os
 
 import pytest
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true")  # .ci/run runs with CI=true
+
 
 def import_or_skip_outside_ci(module: str, reason: str):
     """The module, or a skip here; in CI (CI=true, as .ci/run runs) a missing test tool fails instead, so a
     broken install cannot turn tests into silent skips."""
-    if os.environ.get("CI", "").lower() in ("1", "true"):
+    if IN_CI:
         try:
             return __import__(module, fromlist=["_"])
         except ImportError as e:

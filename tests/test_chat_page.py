@@ -7,12 +7,13 @@ Without the browser or Playwright the tests are skipped, except in CI (CI=true),
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.ci import IN_CI
 
 from tests.server_process import ServerProcess
 
@@ -20,7 +21,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 try:
     from playwright import sync_api
