@@ -217,12 +217,14 @@ def cmd_generate(args, prep: Prepared | None = None, build=build_generator, read
 
 
 def read_user_line() -> str | None:
-    """One user turn from the terminal; None at EOF, Ctrl-C or /bye."""
-    try:
-        text = input("\nYou: ")
-    except (EOFError, KeyboardInterrupt):
-        print(file=sys.stdout)
-        return None
+    """One user turn from the terminal (blank lines are skipped); None at EOF, Ctrl-C or /bye."""
+    text = ""
+    while not text.strip():
+        try:
+            text = input("\nYou: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stdout)
+            return None
     if text.strip() in ("/bye", "/exit", "/quit"):
         return None
     print("Assistant: ", end="", flush=True)
