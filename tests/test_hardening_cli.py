@@ -84,3 +84,21 @@ def test_empty_lines_are_not_turns(tiny_model):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Assistant: ") == 1
     assert proc.stderr.count("time to first token") == 1
+
+
+def test_a_user_error_under_torchrun_is_one_line_then_torchruns_report(tiny_model):
+    """Row 11: torchrun's own report of the failed rank cannot be silenced from a rank; the README says to read
+    the `[rank0] error:` line, which is there once, and that the rank's exit code is 2."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc-per-node", "2", str(ROOT / "torchchat.py"), "generate", *tiny_model.cli_flags(),
+                           "--prompt", "hi", "--pp", "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line and "--pp 3" in line]
+    assert errors == ["[rank0] error: --tp 1 x --pp 3 = 3 processes, but the world size is 2: run torchrun "
+                      "--nproc-per-node 3 (or change --tp/--pp)"], proc.stderr
+    assert "exitcode  : 2" in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
