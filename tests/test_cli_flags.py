@@ -10,7 +10,8 @@ FROZEN = {
     "generate": MODEL | RUNTIME | SAMPLING | {"--prompt", "--num-samples"},
     "chat": MODEL | RUNTIME | SAMPLING | {"--system-prompt"},
     "list": set(),
-    "server": MODEL | RUNTIME | SAMPLING | {"--host", "--port", "--max-queue", "--shutdown-timeout"},
+    "server": MODEL | RUNTIME | SAMPLING | {"--host", "--port", "--max-queue", "--shutdown-timeout", "--max-body-size",
+               "--max-connections", "--allowed-hosts"},
 }
 
 

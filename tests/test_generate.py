@@ -97,11 +97,11 @@ def test_chat_keeps_history_in_the_kv_cache(tiny_model):
     assert transcript[1] == oneshot.text or transcript[1].startswith(oneshot.text)
 
 
-def test_chat_reports_a_full_context_and_ends(tiny_model):
+def test_chat_that_fills_the_context_starts_a_new_conversation(tiny_model):
     gen = local_generator(tiny_source(tiny_model), max_seq_len=48)
     replies = gen.run_chat(GenerationArgs(max_new_tokens=8, **GREEDY), scripted_user(["a" * 10] * 10))
-    assert 0 < replies < 10
-    assert "fills the context (48 tokens)" in gen.err.getvalue()
+    assert replies == 10  # every message answered
+    assert "fills the context (48 tokens): starting a new chat" in gen.err.getvalue()
 
 
 def test_chat_ends_on_bye(tiny_model):

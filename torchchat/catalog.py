@@ -95,6 +95,9 @@ def resolve_model(model: str | None = None, *, checkpoint_path=None, gguf_path=N
     tok = Path(tokenizer_path) if tokenizer_path is not None else None
     if tok is not None and not tok.exists():
         raise ConfigError(f"tokenizer file not found: {tok} (check --tokenizer-path)")
+    if tok is not None and tok.is_dir():
+        raise ConfigError(f"--tokenizer-path {tok} is a directory; give the tokenizer file in it "
+                          f"(e.g. {tok / 'tokenizer.model'})")
     if given:
         (flag, path), = given.items()
         if not path.exists():

@@ -6,6 +6,7 @@ User errors (ConfigError and its subclasses) become one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,34 @@ from pathlib import Path
 from torchchat.model import ConfigError
 
 DEFAULT_CHAT_SEQ_LEN = 2048
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (not the usage block), naming the fix; exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def finite_float(text: str) -> float:
+    """A flag's number: nan and inf are refused at parse time, before anything loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def add_model_flags(p: argparse.ArgumentParser):
@@ -41,22 +70,22 @@ def add_runtime_flags(p: argparse.ArgumentParser):
     g.add_argument("--max-seq-length", type=int, default=None,
                    help="KV cache length in tokens (default: prompt + new tokens for generate, "
                         f"{DEFAULT_CHAT_SEQ_LEN} for chat and server; never more than the model's context)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (processes per pipeline stage)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (number of stages)")
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree (processes per pipeline stage)")
+    g.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree (number of stages)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate per reply")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    g.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature; 0 is greedy")
     g.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding p of "
+    g.add_argument("--top-p", type=finite_float, default=1.0, help="sample among the most likely tokens holding p of "
                                                              "the probability, 0 < p <= 1 (1: off)")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchchat", description="Run Llama-family language models with PyTorch.")
+    parser = ArgumentParser(prog="torchchat", description="Run Llama-family language models with PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="complete a prompt (no chat template)",
@@ -188,12 +217,14 @@ def cmd_generate(args, prep: Prepared | None = None, build=build_generator, read
 
 
 def read_user_line() -> str | None:
-    """One user turn from the terminal; None at EOF, Ctrl-C or /bye."""
-    try:
-        text = input("\nYou: ")
-    except (EOFError, KeyboardInterrupt):
-        print(file=sys.stdout)
-        return None
+    """One user turn from the terminal (blank lines are skipped); None at EOF, Ctrl-C or /bye."""
+    text = ""
+    while not text.strip():
+        try:
+            text = input("\nYou: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stdout)
+            return None
     if text.strip() in ("/bye", "/exit", "/quit"):
         return None
     print("Assistant: ", end="", flush=True)

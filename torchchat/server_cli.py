@@ -10,6 +10,8 @@ from torchchat.model import ConfigError
 
 
 def add_parser(sub, add_model_flags, add_runtime_flags, add_sampling_flags):
+    from torchchat.cli import finite_float
+
     p = sub.add_parser("server", help="serve an OpenAI-compatible HTTP API and a chat page",
                        description="Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and "
                                    "/v1/models, and a chat page at /. Requests are queued and answered one at a "
@@ -19,8 +21,15 @@ def add_parser(sub, add_model_flags, add_runtime_flags, add_sampling_flags):
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     g.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more are answered 503")
-    g.add_argument("--shutdown-timeout", type=float, default=10.0,
+    g.add_argument("--shutdown-timeout", type=finite_float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cut")
+    g.add_argument("--max-body-size", type=finite_float, default=8.0,
+                   help="largest request body in MiB; larger ones are answered 413 without being read")
+    g.add_argument("--max-connections", type=int, default=256,
+                   help="open connections allowed at once; more are closed at once (one log line per burst)")
+    g.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names served, '*' for any (default: localhost, 127.0.0.1 "
+                        "and [::1] when --host is loopback, else any; guards against DNS rebinding)")
     add_sampling_flags(p)  # the defaults of requests that leave a parameter out
     add_runtime_flags(p)
     p.set_defaults(handler=cmd_server, handler_distributed=serve_distributed)
@@ -30,8 +39,10 @@ def server_config(args, model_id: str):
     from torchchat.cli import generation_args
     from torchchat.server import ServerConfig
 
+    hosts = None if args.allowed_hosts is None else tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     return ServerConfig(model_id, generation_args(args), host=args.host, port=args.port, max_queue=args.max_queue,
-                        shutdown_timeout=args.shutdown_timeout)
+                        shutdown_timeout=args.shutdown_timeout, max_body_bytes=int(args.max_body_size * 2**20),
+                        max_connections=args.max_connections, allowed_hosts=hosts)
 
 
 def cmd_server(args) -> int:

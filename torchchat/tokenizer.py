@@ -212,6 +212,8 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
 
 def load_tokenizer_file(path: Path, fix: str = "check --tokenizer-path") -> Tokenizer:
     """A tokenizer file of any supported format, told apart by its first bytes."""
+    if path.is_dir():
+        raise TokenizerError(f"the tokenizer path {path} is a directory, not a file ({fix})")
     if not path.is_file():
         raise TokenizerError(f"tokenizer file not found: {path} ({fix})")
     with open(path, "rb") as f:

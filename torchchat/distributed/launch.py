@@ -99,8 +99,12 @@ def run_worker(args, env: WorkerEnv) -> int:
               f"{job.device}, master {env.master_addr}:{env.master_port}", file=log, flush=True)
         set_threads(env)
         serving = getattr(args, "handler_distributed", None) is not None and args.command not in ("generate", "chat")
-        # A server's followers leave when rank 0 tells them (share_input(None)); only rank 0 acts on Ctrl-C.
-        signal.signal(signal.SIGINT, signal.SIG_IGN if serving and env.rank != 0 else _interrupt)
+        # A server's followers leave when rank 0 tells them (share_input(None)); only rank 0 acts on Ctrl-C
+        # and on SIGTERM (torchrun forwards both to every rank): it drains in-flight requests, then says so.
+        follower = serving and env.rank != 0
+        signal.signal(signal.SIGINT, signal.SIG_IGN if follower else _interrupt)
+        if follower:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return _run_in_group(args, env, job, log)
 
 

@@ -14,6 +14,7 @@ streaming text, statistics) lives here. See docs/backends.md for a complete exam
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +27,14 @@ from torchchat.generate.sampling import sample
 from torchchat.generate.stats import GenerationStats
 from torchchat.generate.streaming import TextStreamer
 from torchchat.model import ConfigError, ModelArgs
+
+
+SEED_LIMIT = 2**64  # seeds are in [0, 2**64): what torch.Generator.manual_seed takes, unsigned
+# Each sample is one more row of the KV cache and of every activation: 64 rows of a 2048-token cache are
+# 3 GB for SmolLM2-135M, 17 GB for Llama 3.1 8B (float16 caches). Larger requests would exhaust memory before they end.
+MAX_NUM_SAMPLES = 64
+MAX_STOP_STRINGS = 4  # as OpenAI allows
+MAX_STOP_CHARS = 1000  # per stop string: each generated token is checked against this much recent text
 
 
 @dataclass
@@ -43,17 +52,32 @@ class GenerationArgs:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens ({self.max_new_tokens}) must be at least 1")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature ({self.temperature}) must be >= 0 (0 is greedy)")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"--temperature ({self.temperature}) must be >= 0 and finite (0 is greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"--top-k ({self.top_k}) must be at least 1")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p ({self.top_p}) must be in (0, 1]")
         if self.num_samples < 1:
             raise ConfigError(f"--num-samples ({self.num_samples}) must be at least 1")
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise ConfigError(f"--num-samples ({self.num_samples}) must be at most {MAX_NUM_SAMPLES}: each sample is "
+                              f"a row of the KV cache and of every activation")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"--seed ({self.seed}) must be in [0, 2**64)")
         self.stop = tuple(self.stop)
-        if any(not s for s in self.stop):
+        check_stop_strings(self.stop)
+
+
+def check_stop_strings(stop: tuple[str, ...]):
+    """At most MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_CHARS characters (ConfigError)."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ConfigError(f"at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})")
+    for s in stop:
+        if not s:
             raise ConfigError("a stop string must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise ConfigError(f"a stop string has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
 
 
 @dataclass
@@ -274,11 +298,15 @@ class Generator(ABC):
             session.reply(turn)
 
     def _read_turn(self, session: "ChatSession", read_user: Callable[[], str | None]) -> Turn | None:
-        try:
-            return session.next_turn(read_user())
-        except ContextFull as e:
-            self.report(f"error: {e}")
-            return None
+        """The next turn; empty lines are skipped, and a message too long for any chat is refused."""
+        while True:
+            text = read_user()
+            if text is not None and not text.strip():
+                continue
+            try:
+                return session.next_turn(text)
+            except ContextFull as e:
+                self.report(f"error: {e}")
 
     def write(self, text: str):
         if self.is_io_rank and text:
@@ -292,29 +320,45 @@ class Generator(ABC):
 
 
 class ChatSession:
-    """The state of one conversation: where its tokens end in the KV cache, how the last reply ended."""
+    """The state of one conversation: where its tokens end in the KV cache, how the last reply ended.
+
+    When the next message and a full reply (``max_new_tokens``) no longer fit after the history,
+    the conversation starts again from that message (with the system prompt), and says so. A reply
+    that still does not fit (a long message in a short context) is cut where the context ends, and
+    says that too.
+    """
 
     def __init__(self, generator: Generator, args: GenerationArgs, system_prompt: str | None):
         self.gen = generator
         self.args = args
         self.system_prompt = system_prompt
-        self.pos = 0  # tokens already in the KV cache
+        self.pos = 0  # tokens of this conversation already in the KV cache
         self.closing: list[int] = []  # tokens that close the previous reply, fed with the next turn
-        self.replies = 0
+        self.fresh = True  # no reply yet in this conversation
+        self.replies = 0  # replies in the whole session, every conversation
 
     def next_turn(self, text: str | None) -> Turn | None:
         """The user's text -> the tokens of the next turn; None ends the chat (EOF, /bye)."""
         if text is None or text.strip() in ("/bye", "/exit", "/quit"):
             return None
-        messages = [{"role": "user", "content": text}]
-        if self.replies == 0 and self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        tokens = self.closing + self.gen.chat_format.encode_turn(messages, first=self.replies == 0)
+        tokens = self._tokens(text)
+        if not self.fresh and self.pos + len(tokens) + self.args.max_new_tokens > self.gen.max_seq_len:
+            self.gen.report(f"the conversation fills the context ({self.gen.max_seq_len} tokens): starting a new "
+                            f"chat from this message (raise --max-seq-length to keep more)")
+            self.pos, self.closing, self.fresh = 0, [], True
+            tokens = self._tokens(text)
         room = self.gen.max_seq_len - self.pos - len(tokens)
         if room < 1:
-            raise ContextFull(f"the conversation fills the context ({self.gen.max_seq_len} tokens); "
-                              f"start a new chat or raise --max-seq-length")
+            raise ContextFull(f"the message ({len(tokens)} tokens with the chat template) does not fit in the "
+                              f"context ({self.gen.max_seq_len} tokens); send a shorter one or raise "
+                              f"--max-seq-length")
         return Turn(tokens, _with_max_new(self.args, min(self.args.max_new_tokens, room)), self.pos)
+
+    def _tokens(self, text: str) -> list[int]:
+        messages = [{"role": "user", "content": text}]
+        if self.fresh and self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.closing + self.gen.chat_format.encode_turn(messages, first=self.fresh)
 
     def reply(self, turn: Turn):
         """Generate and stream one reply; Ctrl-C ends the reply, not the chat."""
@@ -323,6 +367,10 @@ class ChatSession:
             completion, = self.gen.complete(turn, self.gen.write)
         except KeyboardInterrupt:
             self.gen.write("\n[interrupted]")
+        cut = (completion is not None and completion.finish_reason == "length"
+               and turn.args.max_new_tokens < self.args.max_new_tokens)
+        if cut:
+            self.gen.write("\n[cut: the context is full; the next message starts a new chat]")
         self.gen.write("\n")
         new_tokens = self.gen.last_stats.new_tokens
         if new_tokens == 0:
@@ -333,6 +381,7 @@ class ChatSession:
         last = self.gen.last_step[0]
         ended_by_stop = completion is not None and completion.stop_token is not None
         self.closing = [last] if ended_by_stop else [last, *self.gen.chat_format.end_of_turn]
+        self.fresh = False
         self.replies += 1
         self.gen.report(self.gen.last_stats.summary(self.gen.device))
 

@@ -1,8 +1,9 @@
 """The HTTP application: OpenAI's /v1 endpoints and the chat page, in front of an ``Engine``.
 
-Requests are checked, tokenized and fitted to the context here, on the event loop; only valid
-turns reach the engine's queue, so the worker (and, distributed, every rank) never sees a request
-that could fail halfway.
+Requests are read (at most ``max_body_bytes``), parsed, checked, tokenized and fitted to the
+context here; only valid turns reach the engine's queue, so the worker (and, distributed, every
+rank) never sees a request that could fail halfway. Parsing and tokenizing run on a thread, not
+on the event loop, so that a large body does not stall the streams of other clients.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import ValidationError
 
 from torchchat.catalog import canonical_name
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.model import ConfigError
+from torchchat.server.connections import default_allowed_hosts
 from torchchat.server.engine import Engine, QueuedRequest
-from torchchat.server.errors import ApiError, bad_request, install_error_handlers
+from torchchat.server.errors import ApiError, bad_request, install_error_handlers, validation_error
 from torchchat.server.responses import ChatShape, Shape, TextShape, api_error, stream_events
 from torchchat.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -37,14 +40,26 @@ class ServerConfig:
     port: int = 8000  # 0: any free port
     max_queue: int = 64  # requests waiting beyond this are answered 503
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish after SIGINT/SIGTERM
+    max_body_bytes: int = 8 * 2**20  # larger request bodies are answered 413 unread
+    max_connections: int = 256  # open connections beyond this are closed at once
+    allowed_hosts: tuple[str, ...] | None = None  # Host names served; None: loopback names when bound
+    # to loopback, else any; ("*",): any (see connections.py)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port ({self.port}) must be in [0, 65535]")
         if self.max_queue < 1:
             raise ConfigError(f"--max-queue ({self.max_queue}) must be at least 1")
-        if self.shutdown_timeout < 0:
-            raise ConfigError(f"--shutdown-timeout ({self.shutdown_timeout}) must be >= 0")
+        if not 0 <= self.shutdown_timeout < float("inf"):
+            raise ConfigError(f"--shutdown-timeout ({self.shutdown_timeout}) must be a finite number >= 0")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-size ({self.max_body_bytes} bytes) must be at least 1 KiB")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections ({self.max_connections}) must be at least 1")
+        if self.allowed_hosts is None:
+            self.allowed_hosts = default_allowed_hosts(self.host)
+        elif "*" in self.allowed_hosts:
+            self.allowed_hosts = ()
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -88,20 +103,36 @@ class _Routes:
         self._check_model(model_id)
         return self._card()
 
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._check(body)
-        messages = [m.as_dict() for m in body.messages]
-        try:
-            tokens = self.generator.chat_format.encode_dialog(messages)
-        except ConfigError as e:
-            raise bad_request(str(e), "messages") from e
+    async def chat_completions(self, request: Request):
+        body, tokens = await self._parse(request, ChatCompletionRequest, self._chat_tokens)
         return await self._answer(ChatShape(self.config.model_id), body, tokens, request)
 
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._check(body)
-        return await self._answer(TextShape(self.config.model_id), body, self._prompt_tokens(body.prompt), request)
+    async def completions(self, request: Request):
+        body, tokens = await self._parse(request, CompletionRequest, lambda b: self._prompt_tokens(b.prompt))
+        return await self._answer(TextShape(self.config.model_id), body, tokens, request)
 
     # ----- shared steps -----
+
+    async def _parse(self, request: Request, model: type[SamplingRequest], tokens_of):
+        """The body, read up to the size limit, then parsed, checked and tokenized on a thread."""
+        raw = await read_body(request, self.config.max_body_bytes)
+        return await asyncio.to_thread(self._validate, raw, model, tokens_of)
+
+    def _validate(self, raw: bytes, model: type[SamplingRequest], tokens_of):
+        if not raw.strip():
+            raise bad_request("the request body is empty; send a JSON object")
+        try:
+            body = model.model_validate_json(raw)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        self._check(body)
+        return body, tokens_of(body)
+
+    def _chat_tokens(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            return self.generator.chat_format.encode_dialog([m.as_dict() for m in body.messages])
+        except ConfigError as e:
+            raise bad_request(str(e), "messages") from e
 
     def _card(self) -> dict:
         return {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "torchchat",
@@ -133,7 +164,10 @@ class _Routes:
         return prompt
 
     async def _answer(self, shape: Shape, body: SamplingRequest, tokens: list[int], request: Request):
-        args = body.generation_args(self.config.defaults, len(tokens), self.generator.max_seq_len)
+        try:
+            args = body.generation_args(self.config.defaults, len(tokens), self.generator.max_seq_len)
+        except ConfigError as e:  # a combination that GenerationArgs refuses
+            raise bad_request(str(e)) from e
         queued = self.engine.submit(Turn(tokens, args))
         if body.stream:
             events = stream_events(shape, queued, len(tokens), body.include_usage)
@@ -143,6 +177,25 @@ class _Routes:
         if completions is None:
             return Response(status_code=499)  # nobody is listening; the status is only for the access log
         return shape.response(completions, len(tokens))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed ``limit`` bytes (the rest is not read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body ({size} bytes or more) exceeds the server's limit of {limit} bytes "
+                         f"(--max-body-size)", code="request_too_large")
 
 
 async def _result_unless_gone(queued: QueuedRequest, request: Request):

@@ -12,6 +12,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("torchchat.server")
@@ -45,8 +46,9 @@ def param_path(loc: tuple) -> str | None:
     return path or None
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
-    """FastAPI's 422 -> OpenAI's 400, with the first problem spelled out (the rest are usually echoes)."""
+def validation_error(exc: RequestValidationError | ValidationError) -> ApiError:
+    """FastAPI's 422 or pydantic's error -> OpenAI's 400, with the first problem spelled out (the rest
+    are usually echoes)."""
     first = exc.errors()[0]
     param = param_path(tuple(first.get("loc", ())))
     kind = first.get("type", "")
@@ -81,5 +83,5 @@ def install_error_handlers(app: FastAPI):
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
         log.exception("error answering %s %s", request.method, request.url.path)
-        err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        err = ApiError(500, "internal error; the server's log has the details", type="server_error")
         return JSONResponse(err.body(), status_code=500)

@@ -31,7 +31,8 @@ def api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, ConfigError):
         return bad_request(str(e))
-    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+    # The worker logged it. Its text (a collective's error on a distributed server, say) is not the client's.
+    return ApiError(500, "generation failed; the server's log has the details", type="server_error")
 
 
 class Shape:
@@ -118,7 +119,8 @@ class StopHoldBack:
         if hits:
             self.stopped = True
             return self._release(min(hits))
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        longest = min(max((len(s) for s in self.stops), default=1) - 1, len(self.pending))  # <= MAX_STOP_CHARS
+        held = next((k for k in range(longest, 0, -1) if any(self.pending.endswith(s[:k]) for s in self.stops)), 0)
         return self._release(len(self.pending) - held)
 
     def finish(self, final_text: str) -> str:

@@ -12,11 +12,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from torchchat.generate.base import GenerationArgs
+from torchchat.generate.base import SEED_LIMIT, GenerationArgs, check_stop_strings
+from torchchat.model import ConfigError
 from torchchat.server.errors import bad_request
 
 MAX_N = 8  # sequences per request (n): each one is a row of the KV cache
-MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+# JSON types are taken as they are, as OpenAI's API does: no "5" or true for an integer, no "0.5" for a
+# number (an integer is a number). Every request model below is strict.
 
 # OpenAI parameters of both endpoints, each with the values that leave the output unchanged
 # (null is always accepted). Any other value is refused with a 400 naming the parameter.
@@ -46,7 +49,7 @@ def reject_unsupported(extras: dict[str, Any], neutral: dict[str, tuple], where:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False  # a last chunk with the token counts
 
@@ -54,17 +57,17 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """What both endpoints share: model, length, sampling, stop strings, n, streaming."""
 
-    model_config = ConfigDict(extra="allow")  # extras are checked by check_supported, one message each
+    model_config = ConfigDict(extra="allow", strict=True)  # extras: check_supported, one message each
 
     NEUTRAL: ClassVar[dict[str, tuple]] = COMMON_NEUTRAL
     PROMPT_PARAM: ClassVar[str] = "prompt"
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)  # not OpenAI's, but vLLM's and llama.cpp's
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -74,11 +77,10 @@ class SamplingRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, v):
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings (got {len(stops)})")
-        if any(not s for s in stops):
-            raise ValueError("a stop string must not be empty")
+        try:
+            check_stop_strings(tuple([v] if isinstance(v, str) else v or []))
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return v
 
     @property
@@ -116,7 +118,7 @@ class SamplingRequest(BaseModel):
 class ChatMessage(BaseModel):
     """One message of the conversation; text only."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     # What clients echo back with an assistant message; accepted while null or empty.
     NEUTRAL: ClassVar[dict[str, tuple]] = {"name": (), "refusal": (), "tool_calls": ([],), "function_call": (),
@@ -190,6 +192,12 @@ class CompletionRequest(SamplingRequest):
             if len(v) > 1:
                 raise ValueError(f"one prompt per request is supported (got {len(v)}); send one request each")
             v = v[0]
+        if not isinstance(v, (str, list)) or isinstance(v, list) and not all(_is_token_id(t) for t in v):
+            raise ValueError("the prompt must be a string or a list of token ids (integers)")
         if not v:
             raise ValueError("the prompt is empty")
         return v
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -21,6 +21,8 @@ import uvicorn
 from torchchat.generate.base import Generator
 from torchchat.model import ConfigError
 from torchchat.server.app import ServerConfig, create_app
+from torchchat.server.connections import (KEEP_ALIVE_S, HostCheck, guarded_protocol, quiet_accept_errors,
+                                          raise_open_file_limit)
 from torchchat.server.engine import Engine
 
 BACKSTOP_S = 5.0  # after the grace period, how long cut requests get to end before uvicorn cancels them
@@ -52,8 +54,12 @@ def serve(generator: Generator, config: ServerConfig, *, sock: socket.socket | N
     """
     sock = sock or bind(config.host, config.port)
     _log_to_stderr()
+    raise_open_file_limit(config.max_connections + 256)  # room for the cap, the model's files and the ranks
+    quiet_accept_errors()
     engine = Engine(generator, cancellable=cancellable, max_queue=config.max_queue)
-    server = _Server(uvicorn.Config(create_app(engine, config), log_level="info",
+    app = HostCheck(create_app(engine, config), config.allowed_hosts)
+    server = _Server(uvicorn.Config(app, log_level="info", http=guarded_protocol(config.max_connections),
+                                    timeout_keep_alive=KEEP_ALIVE_S,
                                     timeout_graceful_shutdown=config.shutdown_timeout + BACKSTOP_S), engine,
                      config.shutdown_timeout, SIGINT_ECHO_S if launched else 0.0)
     host, port = sock.getsockname()[:2]
@@ -109,9 +115,18 @@ class _Server(uvicorn.Server):
 
 
 def follow(generator: Generator):
-    """A distributed rank other than the I/O one: take part in each request until the server stops."""
+    """A distributed rank other than the I/O one: take part in each request until the server stops.
+
+    A request that fails fails here as on the serving rank (the same turn, the same step: requests are
+    validated before they are shared), so the follower goes on to the next one as the worker does.
+    """
     while (turn := generator.share_input(None)) is not None:
-        generator.complete(turn)
+        try:
+            generator.complete(turn)
+        except Exception as e:  # noqa: BLE001 - the serving rank answers the client; both go on
+            first_line = (str(e).splitlines() or [""])[0]
+            print(f"a request failed on this rank as on the serving one: {type(e).__name__}: {first_line}",
+                  file=sys.stderr, flush=True)
 
 
 def _url_host(host: str) -> str:
