@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.ci import IN_CI
-
 from tests.server_process import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
