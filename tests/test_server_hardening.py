@@ -345,11 +345,15 @@ def test_hundreds_of_hostile_requests_leave_the_server_right_and_bounded(local):
 
 def test_sigterm_to_torchrun_lets_streams_finish_then_every_rank_exits(pipeline, local):
     expected = greedy_reply(local, 120)
-    results, started = {}, threading.Barrier(3)
+    results, started = {}, threading.Barrier(3, timeout=120)  # a stream that fails breaks it: no hang
 
     def stream(i):
-        chunks = client(pipeline).chat.completions.create(model="model", messages=HELLO, max_tokens=120, stream=True,
-                                                          **GREEDY)
+        try:
+            chunks = client(pipeline).chat.completions.create(model="model", messages=HELLO, max_tokens=120,
+                                                              stream=True, **GREEDY)
+        except Exception:
+            started.abort()  # the test fails at once instead of waiting out the barrier
+            raise
         started.wait()
         text, finish = "", None
         for c in chunks:
