@@ -45,9 +45,7 @@ def local(tiny_model, tmp_path_factory):
                             "--max-connections", str(MAX_CONNECTIONS), "--max-body-size", str(MAX_BODY_MIB)],
                            tmp_path_factory.mktemp("hardened") / "server.log").wait_ready()
     yield server
-    code = server.stop()
-    assert code in (0, -signal.SIGTERM), server.log()[-3000:]  # uvicorn re-raises the signal once drained
-    assert_clean_log(server)
+    server.stop()  # fails on a traceback in the log or an unclean exit
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +53,8 @@ def pipeline(tiny_model, tmp_path_factory):
     """torchrun, 2 ranks, --pp 2; the last test of the module stops it with SIGTERM to torchrun."""
     server = ServerProcess([*tiny_model.cli_flags(), "--pp", "2", "--max-seq-length", str(CONTEXT),
                             "--max-new-tokens", "8", "--shutdown-timeout", "60"],
-                           tmp_path_factory.mktemp("hardened-pp") / "server.log", launcher=torchrun(2))
+                           tmp_path_factory.mktemp("hardened-pp") / "server.log", launcher=torchrun(2),
+                           clean_exits={signal.SIGTERM: 1}, launcher_traceback=r"SignalException: .* got signal: 15$")
     yield server.wait_ready(timeout=240)
     server.stop()
 
@@ -371,7 +370,7 @@ def test_sigterm_to_torchrun_lets_streams_finish_then_every_rank_exits(pipeline,
     for w in workers:
         w.join(120)
     assert results == {0: (expected, "length"), 1: (expected, "length")}
-    pipeline.proc.wait(60)  # torchrun's own code is 1 after a signal, whatever the ranks did (README)
+    pipeline.proc.wait(60)  # torchrun's own code is 1 after a signal, whatever the ranks did (docs/server.md)
     log = pipeline.log()
     assert "Connection reset" not in log and "another rank failed" not in log, log[-4000:]
     assert "Application shutdown complete" in log and "Finished server process" in log, log[-4000:]
