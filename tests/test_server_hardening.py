@@ -230,29 +230,34 @@ def test_a_chunked_body_over_the_limit_is_413(local):
         conn.close()
 
 
-def test_big_prompts_do_not_stall_another_clients_stream(local):
-    """Bodies just under the limit, tokenized (and found too long) while another client streams."""
+def test_big_requests_do_not_stall_another_clients_stream(local):
+    """Bodies just under the limit, parsed and tokenized (and found too long for the context) while another
+    client streams. 28,000 one-letter messages cost ~0.55 s to validate and encode: on the event loop, as
+    before, the stream stalled 0.45 s (measured); on a thread its longest gap is 0.01 s (measured)."""
     gaps, done = [], threading.Event()
 
     def stream():
-        chunks = client(local).chat.completions.create(model="model", messages=HELLO, max_tokens=150, stream=True,
+        chunks = client(local).chat.completions.create(model="model", messages=HELLO, max_tokens=200, stream=True,
                                                        temperature=1, seed=3)
-        last = time.monotonic()
+        last = None
         for _ in chunks:
             now = time.monotonic()
-            gaps.append(now - last)
+            if last is not None:
+                gaps.append(now - last)
             last = now
         done.set()
 
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(27_999)]
+    big = json.dumps({"messages": messages}).encode()
+    assert len(big) < MAX_BODY_MIB * 2**20
     worker = threading.Thread(target=stream)
     worker.start()
-    big = json.dumps({"messages": [{"role": "user", "content": "word " * 200_000}]}).encode()  # ~1 MB
     statuses = []
-    while not done.is_set() and len(statuses) < 4:
+    while not done.is_set() and len(statuses) < 6:
         statuses.append(raw_post(local, "/v1/chat/completions", big)[0])
     worker.join()
     assert statuses and set(statuses) == {400}, statuses  # too long for the context, found on a thread
-    assert len(gaps) > 10 and max(gaps[1:]) < 5.0, max(gaps)
+    assert len(gaps) > 10 and max(gaps) < 0.25, f"the stream stalled {max(gaps):.2f} s"
 
 
 # ----- row 5: connections are capped and silent ones time out -----
