@@ -31,7 +31,7 @@ from torchchat.model import ConfigError, ModelArgs
 
 SEED_LIMIT = 2**64  # seeds are in [0, 2**64): what torch.Generator.manual_seed takes, unsigned
 # Each sample is one more row of the KV cache and of every activation: 64 rows of a 2048-token cache are
-# 3 GB for SmolLM2-135M, 17 GB for Llama 3.1 8B (float16 caches). Larger requests would exhaust memory before they end.
+# 3 GB for SmolLM2-135M, 17 GB for Llama 3.1 8B (float16 caches); more would exhaust memory mid-request.
 MAX_NUM_SAMPLES = 64
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_STOP_CHARS = 1000  # per stop string: each generated token is checked against this much recent text
