@@ -1,6 +1,7 @@
 """The command line end to end, in subprocesses, as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,15 @@ from torchchat.generate.base import GenerationArgs
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchchat(*args, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "torchchat.py"), *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+def torchchat(*args, stdin: str | None = None, timeout: int = 180,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI; its output decoded as written (text=True would turn a generated "\r" into "\n")."""
+    proc = subprocess.run([sys.executable, str(ROOT / "torchchat.py"), *args],
+                          input=None if stdin is None else stdin.encode(), capture_output=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2",
+                                         **(env or {})})
+    proc.stdout, proc.stderr = (stream.decode("utf-8", "surrogateescape") for stream in (proc.stdout, proc.stderr))
+    return proc
 
 
 def one_line_error(proc, *fragments):
