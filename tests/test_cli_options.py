@@ -10,7 +10,7 @@ import io
 from dataclasses import replace
 
 from tests.generators import tiny_source
-from tests.test_cli import torchchat
+from tests.test_cli import chat_transcript, torchchat
 from torchchat.chat_format import chat_format_for
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator
@@ -48,20 +48,6 @@ def test_quantize_and_top_k_reach_the_generator(tiny_model):
                      "--quantize", "int8", "--top-k", "1", "--temperature", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == PROMPT + want + "\n"
-
-
-def chat_transcript(gen: LocalGenerator, lines: list[str], args: GenerationArgs, system_prompt: str | None) -> str:
-    """What `torchchat.py chat` prints on stdout for these lines, then EOF (cli.read_user_line's prompts)."""
-    pending = iter(lines)
-
-    def read_user():
-        gen.out.write("\nYou: ")
-        line = next(pending, None)
-        gen.out.write("\n" if line is None else "Assistant: ")
-        return line
-    gen.out = io.StringIO()
-    gen.run_chat(args, read_user, system_prompt)
-    return gen.out.getvalue()
 
 
 def test_dtype_and_system_prompt_reach_the_chat(tiny_model):
