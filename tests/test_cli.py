@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.checkpoint_assets import write_gguf
 from tests.generators import local_generator, tiny_source
 from torchchat.catalog import ModelSource
 from torchchat.chat_format import chat_format_for
@@ -230,6 +232,35 @@ def test_every_flag_is_explained_in_help():
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{command} {action.option_strings} has no help"
                 assert action.option_strings[-1] in proc.stdout
+
+
+def test_models_in_the_home_directory_are_found_by_name(tiny_model, tmp_path):
+    """~/.torchchat/models holds a known model as <name>/ (here Meta's layout) or <name>.gguf: `list` shows
+    each, and `generate <alias>` loads it (the tiny model's weights in both, so the tiny model's text)."""
+    models = tmp_path / ".torchchat" / "models"
+    (models / "stories15m").mkdir(parents=True)
+    shutil.copy(tiny_model.checkpoint, models / "stories15m" / "consolidated.00.pth")
+    shutil.copy(tiny_model.checkpoint.parent / "params.json", models / "stories15m" / "params.json")
+    shutil.copy(tiny_model.tokenizer, models / "stories15m" / "tokenizer.model")
+    write_gguf(models / "llama2-7b.gguf", torch.load(tiny_model.checkpoint), tiny_model.args)
+    # HOME moves ~/.torchchat; the CPU kernels' build cache stays where it is (no rebuild).
+    env = {"HOME": str(tmp_path), "TORCHCHAT_CACHE": os.environ.get("TORCHCHAT_CACHE",
+                                                                     str(Path.home() / ".cache" / "torchchat"))}
+    listed = torchchat("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert rows["stories15m"].endswith(str(models / "stories15m"))
+    assert rows["llama2-7b"].endswith(str(models / "llama2-7b.gguf"))
+    assert rows["llama3.1-8b"].endswith("not available")
+    greedy = ["--prompt", "Once upon a time", "--max-new-tokens", "10", "--temperature", "0"]
+    expected = local_generator(tiny_source(tiny_model)).run_generate(
+        "Once upon a time", GenerationArgs(max_new_tokens=10, temperature=0))[0].text
+    for alias, name, flags in (("stories", "stories15m", []),
+                               ("llama2", "llama2-7b", ["--tokenizer-path", str(tiny_model.tokenizer)])):
+        proc = torchchat("generate", alias, *flags, *greedy, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "Once upon a time" + expected + "\n"
+        assert f"loaded {name} (fp32" in proc.stderr
 
 
 # ----- bad input: one line on stderr, exit code 2, before any weights load -----
