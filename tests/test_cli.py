@@ -111,19 +111,24 @@ def test_chat_ends_cleanly_on_bye_and_eof(tiny_model):
     assert proc.stdout.count("Assistant: ") == 1
 
 
+def write_endless_model(tiny, directory: Path, context: int) -> Path:
+    """The tiny model with its stop tokens' output rows zeroed and a longer context; returns its model.pth.
+
+    A stop token's logit, 0, is never the largest of 512 (the others are random projections, about half
+    of them positive): every greedy reply runs to --max-new-tokens."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = torch.load(tiny.checkpoint)
+    state["output.weight"][sorted(load_tokenizer(tiny_source(tiny)).stop_ids)] = 0
+    torch.save(state, directory / "model.pth")
+    params = json.loads((tiny.checkpoint.parent / "params.json").read_text())
+    (directory / "params.json").write_text(json.dumps({**params, "max_seq_len": context}))
+    return directory / "model.pth"
+
+
 @pytest.fixture(scope="module")
 def endless_model(tiny_model, tmp_path_factory) -> ModelSource:
-    """The tiny model with its stop tokens' output rows zeroed and a 2048-token context: a stop token's logit,
-    0, is never the largest of 512 (the others are random projections, about half of them positive), so
-    every greedy reply runs to --max-new-tokens."""
-    directory = tmp_path_factory.mktemp("endless")
-    state = torch.load(tiny_model.checkpoint)
-    stop_ids = sorted(load_tokenizer(tiny_source(tiny_model)).stop_ids)
-    state["output.weight"][stop_ids] = 0
-    torch.save(state, directory / "model.pth")
-    params = json.loads((tiny_model.checkpoint.parent / "params.json").read_text())
-    (directory / "params.json").write_text(json.dumps({**params, "max_seq_len": CHAT_CONTEXT}))
-    return ModelSource("endless", checkpoint_path=directory / "model.pth", tokenizer_path=tiny_model.tokenizer)
+    checkpoint = write_endless_model(tiny_model, tmp_path_factory.mktemp("endless"), CHAT_CONTEXT)
+    return ModelSource("endless", checkpoint_path=checkpoint, tokenizer_path=tiny_model.tokenizer)
 
 
 def endless_generator(source: ModelSource) -> LocalGenerator:
