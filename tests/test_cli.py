@@ -1,22 +1,64 @@
 """The command line end to end, in subprocesses, as a user runs it."""
 
+import fcntl
+import io
 import json
+import os
+import re
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.checkpoint_assets import write_gguf
 from tests.generators import local_generator, tiny_source
+from torchchat.catalog import ModelSource
+from torchchat.chat_format import chat_format_for
 from torchchat.cli import build_parser
-from torchchat.generate.base import GenerationArgs
+from torchchat.generate.base import GenerationArgs, Turn
+from torchchat.generate.local import LocalGenerator
+from torchchat.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+CHAT_CONTEXT = 2048  # a chat's KV cache: cli.DEFAULT_CHAT_SEQ_LEN, or the model's context if shorter
+PAGE = 4096
 
 
-def torchchat(*args, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "torchchat.py"), *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+def torchchat(*args, stdin: str | None = None, timeout: int = 180,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI; its output decoded as written (text=True would turn a generated "\r" into "\n")."""
+    proc = subprocess.run([sys.executable, str(ROOT / "torchchat.py"), *args],
+                          input=None if stdin is None else stdin.encode(), capture_output=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2",
+                                         **(env or {})})
+    proc.stdout, proc.stderr = (stream.decode("utf-8", "surrogateescape") for stream in (proc.stdout, proc.stderr))
+    return proc
+
+
+def chat_transcript(gen, lines: list[str], args: GenerationArgs, system_prompt: str | None = None) -> str:
+    """What `torchchat.py chat` prints on stdout for these lines, then EOF (cli.read_user_line's prompts)."""
+    pending = iter(lines)
+
+    def read_user():
+        gen.out.write("\nYou: ")
+        line = next(pending, None)
+        if line is None:
+            gen.out.write("\n")
+        elif line.strip() not in ("/bye", "/exit", "/quit"):
+            gen.out.write("Assistant: ")
+            return line
+        return None
+    gen.out = io.StringIO()
+    gen.run_chat(args, read_user, system_prompt)
+    return gen.out.getvalue()
 
 
 def one_line_error(proc, *fragments):
@@ -69,6 +111,114 @@ def test_chat_ends_cleanly_on_bye_and_eof(tiny_model):
     assert proc.stdout.count("Assistant: ") == 1
 
 
+def write_endless_model(tiny, directory: Path, context: int) -> Path:
+    """The tiny model with its stop tokens' output rows zeroed and a longer context; returns its model.pth.
+
+    A stop token's logit, 0, is never the largest of 512 (the others are random projections, about half
+    of them positive): every greedy reply runs to --max-new-tokens."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = torch.load(tiny.checkpoint)
+    state["output.weight"][sorted(load_tokenizer(tiny_source(tiny)).stop_ids)] = 0
+    torch.save(state, directory / "model.pth")
+    params = json.loads((tiny.checkpoint.parent / "params.json").read_text())
+    (directory / "params.json").write_text(json.dumps({**params, "max_seq_len": context}))
+    return directory / "model.pth"
+
+
+@pytest.fixture(scope="module")
+def endless_model(tiny_model, tmp_path_factory) -> ModelSource:
+    checkpoint = write_endless_model(tiny_model, tmp_path_factory.mktemp("endless"), CHAT_CONTEXT)
+    return ModelSource("endless", checkpoint_path=checkpoint, tokenizer_path=tiny_model.tokenizer)
+
+
+def endless_generator(source: ModelSource) -> LocalGenerator:
+    tokenizer = load_tokenizer(source)
+    return LocalGenerator.from_source(source, tokenizer, chat_format_for(tokenizer, source), max_seq_len=CHAT_CONTEXT,
+                                      out=io.StringIO(), err=io.StringIO())
+
+
+def interrupted_chat(source: ModelSource, lines: list[str], args: GenerationArgs, new_tokens: int):
+    """The chat, in this process, when Ctrl-C lands in the first reply after ``new_tokens`` tokens:
+    (its transcript, the tokens of the last whole reply)."""
+    gen = endless_generator(source)
+    decode, limits = gen.decode_n_tokens, iter([new_tokens - 1])  # the first comes from the prefill
+    complete, replies = gen.complete, []
+
+    def interrupted_once(token, start_pos, n):
+        limit = next(limits, None)
+        for i, tok in enumerate(decode(token, start_pos, n)):
+            if i == limit:
+                raise KeyboardInterrupt
+            yield tok
+    gen.decode_n_tokens = interrupted_once
+    gen.complete = lambda turn, on_text=None: replies.append(complete(turn, on_text)) or replies[-1]
+    return chat_transcript(gen, lines, args), replies[-1][0].tokens
+
+
+def one_shot_after_interrupt(source: ModelSource, user: list[str], args: GenerationArgs, new_tokens: int):
+    """The reply to user[1] run in one go over the history a chat should hold when its first reply was cut
+    after ``new_tokens`` tokens: user[0]'s turn, those tokens, the end of the turn, user[1]'s turn."""
+    gen = endless_generator(source)
+    fmt = gen.chat_format
+    turn1 = fmt.encode_turn([{"role": "user", "content": user[0]}], first=True)
+    reply1 = gen.complete(Turn(turn1, replace(args, max_new_tokens=new_tokens)))[0].tokens
+    history = turn1 + reply1[:new_tokens] + fmt.end_of_turn
+    history += fmt.encode_turn([{"role": "user", "content": user[1]}], first=False)
+    return endless_generator(source).complete(Turn(history, args))[0].tokens
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(endless_model):
+    """A real SIGINT to `torchchat.py chat` mid-reply: the reply ends with [interrupted], the next line gets a
+    whole reply (the one an in-process chat cut at the same token gives, and a one-shot run over the history
+    with the cut reply in it), and /bye exits 0.
+
+    The chat's stdout is a one-page pipe that this test does not read until the signal is sent: a reply
+    longer than a page (the first reply's 400 tokens are 6.3 KB of text) cannot end before it, however fast
+    the process runs."""
+    flags = ["--checkpoint-path", str(endless_model.checkpoint_path), "--tokenizer-path",
+             str(endless_model.tokenizer_path), "--max-new-tokens", "400", "--temperature", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "torchchat.py"), "chat", *flags], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PAGE)
+        proc.stdin.write(b"Tell me a story\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while pipe_bytes(proc.stdout) < len("\nYou: Assistant: ") + 200:  # the reply is streaming
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"no reply streaming:\n{proc.communicate()[1].decode()}")
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends (the process has a session of its own)
+        out, err = proc.communicate(b"Go on\n/bye\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout, stderr = out.decode("utf-8", "surrogateescape"), err.decode()
+    assert proc.returncode == 0, stderr
+    decoded = [int(n) for n in re.findall(r"decode (\d+) tokens", stderr)]
+    assert len(decoded) == 2 and decoded[0] < 399 and decoded[1] == 399, stderr  # 400 tokens: 1 + 399
+    user, args = ["Tell me a story", "Go on"], GenerationArgs(max_new_tokens=400, temperature=0)
+    want, second_reply = interrupted_chat(endless_model, [*user, "/bye"], args, decoded[0] + 1)
+    first, marker, rest = stdout.partition("\n[interrupted]\n")
+    want_first, _, want_rest = want.partition("\n[interrupted]\n")
+    assert marker and "[interrupted]" not in rest
+    # The SIGINT may land while a token's text is being written: that piece is then lost from the screen.
+    assert want_first.startswith(first) and len(want_first) - len(first) <= len("<|reserved_special_token_99|>")
+    assert rest == want_rest and rest.count("Assistant: ") == 1
+    # And the reply to "Go on" is the one a chat holding the cut reply, closed as a turn, gives. Measured:
+    # one-shot and turn-by-turn tokens agree on 600 of 600 tokens for cuts at 5, 16, 40, 100 and 250 tokens.
+    assert second_reply[:64] == one_shot_after_interrupt(endless_model, user, replace(args, max_new_tokens=64),
+                                                         decoded[0] + 1)
+
+
+def pipe_bytes(pipe) -> int:
+    """How many bytes wait in a pipe, unread."""
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 def test_list_shows_known_models_and_the_default_available(smollm2_gguf):
     proc = torchchat("list")
     assert proc.returncode == 0
@@ -87,6 +237,35 @@ def test_every_flag_is_explained_in_help():
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{command} {action.option_strings} has no help"
                 assert action.option_strings[-1] in proc.stdout
+
+
+def test_models_in_the_home_directory_are_found_by_name(tiny_model, tmp_path):
+    """~/.torchchat/models holds a known model as <name>/ (here Meta's layout) or <name>.gguf: `list` shows
+    each, and `generate <alias>` loads it (the tiny model's weights in both, so the tiny model's text)."""
+    models = tmp_path / ".torchchat" / "models"
+    (models / "stories15m").mkdir(parents=True)
+    shutil.copy(tiny_model.checkpoint, models / "stories15m" / "consolidated.00.pth")
+    shutil.copy(tiny_model.checkpoint.parent / "params.json", models / "stories15m" / "params.json")
+    shutil.copy(tiny_model.tokenizer, models / "stories15m" / "tokenizer.model")
+    write_gguf(models / "llama2-7b.gguf", torch.load(tiny_model.checkpoint), tiny_model.args)
+    # HOME moves ~/.torchchat; the CPU kernels' build cache stays where it is (no rebuild).
+    env = {"HOME": str(tmp_path), "TORCHCHAT_CACHE": os.environ.get("TORCHCHAT_CACHE",
+                                                                     str(Path.home() / ".cache" / "torchchat"))}
+    listed = torchchat("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert rows["stories15m"].endswith(str(models / "stories15m"))
+    assert rows["llama2-7b"].endswith(str(models / "llama2-7b.gguf"))
+    assert rows["llama3.1-8b"].endswith("not available")
+    greedy = ["--prompt", "Once upon a time", "--max-new-tokens", "10", "--temperature", "0"]
+    expected = local_generator(tiny_source(tiny_model)).run_generate(
+        "Once upon a time", GenerationArgs(max_new_tokens=10, temperature=0))[0].text
+    for alias, name, flags in (("stories", "stories15m", []),
+                               ("llama2", "llama2-7b", ["--tokenizer-path", str(tiny_model.tokenizer)])):
+        proc = torchchat("generate", alias, *flags, *greedy, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "Once upon a time" + expected + "\n"
+        assert f"loaded {name} (fp32" in proc.stderr
 
 
 # ----- bad input: one line on stderr, exit code 2, before any weights load -----

@@ -4,15 +4,14 @@ The generations here are long (thousands of tokens on the tiny model) so that th
 while every rank is inside the per-token collectives.
 """
 
-import json
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
-from tests.distributed_procs import Job, marked_pids, torchchat, torchrun, two_nodes
+from tests.distributed_procs import Job, marked_pids, rank_envs, torchchat, torchrun, two_nodes
+from tests.test_cli import write_endless_model
 
 DEADLINE_S = 90  # "within about a minute", with room for 2 busy cores
 LONG = ["--prompt", "Once upon a time", "--max-new-tokens", "3000", "--temperature", "0"]
@@ -20,12 +19,10 @@ LONG = ["--prompt", "Once upon a time", "--max-new-tokens", "3000", "--temperatu
 
 @pytest.fixture(scope="module")
 def long_model(tiny_model, tmp_path_factory):
-    """The tiny model's weights with a longer context, so that a generation lasts long enough to be cut."""
-    directory = tmp_path_factory.mktemp("long")
-    shutil.copy(tiny_model.checkpoint, directory / "model.pth")
-    params = json.loads((tiny_model.checkpoint.parent / "params.json").read_text())
-    (directory / "params.json").write_text(json.dumps({**params, "max_seq_len": 4096}))
-    return ["--checkpoint-path", str(directory / "model.pth"), "--tokenizer-path", str(tiny_model.tokenizer)]
+    """The tiny model with a longer context and no stop token it would ever pick, so that a generation lasts
+    long enough to be cut (the tiny model's own greedy text stops after 68 tokens)."""
+    checkpoint = write_endless_model(tiny_model, tmp_path_factory.mktemp("long"), 4096)
+    return ["--checkpoint-path", str(checkpoint), "--tokenizer-path", str(tiny_model.tokenizer)]
 
 
 @pytest.fixture()
@@ -111,3 +108,38 @@ def test_sigint_to_the_launcher_alone_ends_a_chat(long_model, marker, tmp_path):
     assert done.stdout.count("Assistant: ") == 1
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+# ----- one rank's exit code: 3 when another rank died or stopped answering -----
+
+TIMEOUT_S = 10  # TORCHCHAT_DIST_TIMEOUT_S for the next test (default 60)
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_rank_whose_peer_died_or_hung_exits_3_with_one_line(fault, long_model, marker, tmp_path):
+    """Two ranks started by hand, as torchrun starts them (no launcher to sum up their exit codes). Rank 1
+    killed: rank 0's next collective fails at once. Rank 1 stopped (SIGSTOP: alive, silent): rank 0's
+    collective waits TORCHCHAT_DIST_TIMEOUT_S, then fails. Either way rank 0 says so in one line, exit 3."""
+    cmd = torchchat("generate", *long_model, *LONG, "--tp", "2")
+    envs = [{**env, "TORCHCHAT_DIST_TIMEOUT_S": str(TIMEOUT_S)} for env in rank_envs(2)]
+    ranks = [Job(cmd, tmp_path, marker, env=env) for env in envs]
+    try:
+        ranks[0].wait_for(lambda j: len(j.stdout()) > len("Once upon a time") + 20 and ranks[1].rank_pid(1), 120,
+                          "generated text")
+        os.kill(ranks[1].proc.pid, fault)
+        faulted = time.monotonic()
+        ranks[0].proc.wait(TIMEOUT_S + DEADLINE_S)
+        elapsed = time.monotonic() - faulted
+        done = ranks[0].finish(1, cleanup=False)
+    finally:
+        for job in ranks:
+            job.kill()
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    said = done.stderr.splitlines()
+    assert said[-1].startswith("[rank0] stopped: another rank failed or stopped answering ("), done.stderr
+    assert sum("stopped" in line or "error" in line for line in said) == 1, done.stderr
+    if fault == signal.SIGKILL:
+        assert elapsed < TIMEOUT_S  # measured 0.9 s: not the timeout
+    else:  # the collective under way when rank 1 stopped started at most a token earlier
+        assert TIMEOUT_S - 1 <= elapsed <= TIMEOUT_S + 15, elapsed  # measured 11.2 s

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from tests.distributed_procs import ROOT, job_env, rank_envs, run, run_together, torchchat, torchrun, two_nodes
+from tests.distributed_procs import (ROOT, Job, job_env, rank_envs, run, run_together, torchchat, torchrun,
+                                    two_nodes)
 
 GENERATE = ["--prompt", "Once upon a time", "--max-new-tokens", "24", "--temperature", "0"]
 CHAT = ["--max-new-tokens", "12", "--temperature", "0"]
@@ -129,11 +130,27 @@ def test_torchrun_tp_must_divide_heads(flags, marker, tmp_path):
     assert_one_error(done, "--tp 3 must divide", "(8)", "(4)")
 
 
-def test_self_launcher_checks_before_starting_ranks(flags, marker, tmp_path):
-    done = run(torchchat("generate", *flags, *GENERATE, "--pp", "5"), tmp_path, marker)
+@pytest.mark.parametrize("command, options, env, fragments", [
+    ("generate", [*GENERATE, "--pp", "5"], {}, ["--pp 5", "4 layers"]),
+    ("generate", [*GENERATE, "--tp", "2", "--compile"], {},
+     ["--compile and --quantize are for one process", "--tp/--pp"]),
+    ("chat", [*CHAT, "--pp", "2", "--quantize", "int8"], {}, ["--compile and --quantize are for one process"]),
+    ("generate", [*GENERATE, "--tp", "2"], {"TORCHCHAT_DIST_TIMEOUT_S": "soon"},
+     ["TORCHCHAT_DIST_TIMEOUT_S ('soon') must be a number of seconds"]),
+], ids=["pp5", "compile", "quantize", "timeout"])
+def test_self_launcher_checks_before_starting_ranks(command, options, env, fragments, flags, marker, tmp_path):
+    done = Job(torchchat(command, *flags, *options), tmp_path, marker, env=env).finish(60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == done.error_lines(), done.stderr  # nothing else: no rank started
-    assert_one_error(done, "--pp 5", "4 layers", max_seconds=30)
+    assert_one_error(done, *fragments, max_seconds=30)
+
+
+def test_every_rank_refuses_compile_and_quantize(flags, marker, tmp_path):
+    """Ranks started by hand, as torchrun starts them: each refuses on its own, before joining the others."""
+    cmd = torchchat("generate", *flags, *GENERATE, "--tp", "2", "--compile", "--quantize", "int8")
+    ranks = run_together([cmd, cmd], tmp_path, marker, envs=rank_envs(2))
+    assert_every_rank_fails_once(ranks, "--compile and --quantize are for one process")
+    assert not any("pid=" in r.stderr for r in ranks)
 
 
 def test_smollm2_tp2_names_its_heads(smollm2_gguf, marker, tmp_path):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from torchchat.cli import (DEFAULT_CHAT_SEQ_LEN, Prepared, cmd_chat, cmd_generate, read_prompt, resolve_device)
 from torchchat.distributed.parallel_dims import ParallelDims
-from torchchat.distributed.process_group import (WorkerEnv, all_gather_objects, process_group,
+from torchchat.distributed.process_group import (WorkerEnv, all_gather_objects, collective_timeout, process_group,
                                                  rank_prefixed_stderr, set_threads, worker_device)
 from torchchat.distributed.spawn import die_with_launcher, launch_workers
 from torchchat.model import ConfigError
@@ -62,6 +62,7 @@ def check_job(args, env: WorkerEnv) -> Job:
     """The checks every process of the job runs alike before any weight is loaded (ConfigError)."""
     if args.compile or args.quantize:
         raise ConfigError("--compile and --quantize are for one process; drop them with --tp/--pp")
+    collective_timeout()  # a bad TORCHCHAT_DIST_TIMEOUT_S fails here, not once per rank in process_group
     dims = ParallelDims(tp=args.tp, pp=args.pp, world_size=env.world_size)
     device_type = resolve_device(args.device)
     dims.check_devices(device_type, env.local_world_size)  # one GPU per process of this node
