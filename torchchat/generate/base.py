@@ -201,10 +201,12 @@ class Generator(ABC):
         try:
             steps = self.decode_n_tokens(token, turn.start_pos + prompt.size(1), turn.args.max_new_tokens - 1)
             for token in steps:
-                stats.new_tokens += 1
+                step = token.tolist()
+                # One statement, no call inside: a Ctrl-C cannot land between the count and the token that a
+                # chat reads back after an interrupted reply (ChatSession.reply).
+                stats.new_tokens, self.last_step = stats.new_tokens + 1, step
                 stats.decode_s = time.perf_counter() - t1
-                self.last_step = token.tolist()
-                yield self.last_step
+                yield step
         finally:
             stats.decode_s = time.perf_counter() - t1
 
