@@ -2,7 +2,6 @@
 
 import fcntl
 import io
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from tests.checkpoint_assets import write_gguf
+from tests.cli_process import ROOT, chat_transcript, one_line_error, torchchat, write_endless_model
 from tests.generators import local_generator, tiny_source
 from torchchat.catalog import ModelSource
 from torchchat.chat_format import chat_format_for
@@ -27,47 +27,8 @@ from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator
 from torchchat.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT_CONTEXT = 2048  # a chat's KV cache: cli.DEFAULT_CHAT_SEQ_LEN, or the model's context if shorter
 PAGE = 4096
-
-
-def torchchat(*args, stdin: str | None = None, timeout: int = 180,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI; its output decoded as written (text=True would turn a generated "\r" into "\n")."""
-    proc = subprocess.run([sys.executable, str(ROOT / "torchchat.py"), *args],
-                          input=None if stdin is None else stdin.encode(), capture_output=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2",
-                                         **(env or {})})
-    proc.stdout, proc.stderr = (stream.decode("utf-8", "surrogateescape") for stream in (proc.stdout, proc.stderr))
-    return proc
-
-
-def chat_transcript(gen, lines: list[str], args: GenerationArgs, system_prompt: str | None = None) -> str:
-    """What `torchchat.py chat` prints on stdout for these lines, then EOF (cli.read_user_line's prompts)."""
-    pending = iter(lines)
-
-    def read_user():
-        gen.out.write("\nYou: ")
-        line = next(pending, None)
-        if line is None:
-            gen.out.write("\n")
-        elif line.strip() not in ("/bye", "/exit", "/quit"):
-            gen.out.write("Assistant: ")
-            return line
-        return None
-    gen.out = io.StringIO()
-    gen.run_chat(args, read_user, system_prompt)
-    return gen.out.getvalue()
-
-
-def one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in proc.stderr
 
 
 def test_generate_greedy_matches_in_process(tiny_model):
@@ -109,20 +70,6 @@ def test_chat_ends_cleanly_on_bye_and_eof(tiny_model):
                      stdin="hello\n/bye\nnot read\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Assistant: ") == 1
-
-
-def write_endless_model(tiny, directory: Path, context: int) -> Path:
-    """The tiny model with its stop tokens' output rows zeroed and a longer context; returns its model.pth.
-
-    A stop token's logit, 0, is never the largest of 512 (the others are random projections, about half
-    of them positive): every greedy reply runs to --max-new-tokens."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state = torch.load(tiny.checkpoint)
-    state["output.weight"][sorted(load_tokenizer(tiny_source(tiny)).stop_ids)] = 0
-    torch.save(state, directory / "model.pth")
-    params = json.loads((tiny.checkpoint.parent / "params.json").read_text())
-    (directory / "params.json").write_text(json.dumps({**params, "max_seq_len": context}))
-    return directory / "model.pth"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import io
 from dataclasses import replace
 
 from tests.generators import tiny_source
-from tests.test_cli import chat_transcript, torchchat
+from tests.cli_process import chat_transcript, torchchat
 from torchchat.chat_format import chat_format_for
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.distributed_procs import Job, marked_pids, rank_envs, torchchat, torchrun, two_nodes
-from tests.test_cli import write_endless_model
+from tests.cli_process import write_endless_model
 
 DEADLINE_S = 90  # "within about a minute", with room for 2 busy cores
 LONG = ["--prompt", "Once upon a time", "--max-new-tokens", "3000", "--temperature", "0"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.generators import local_generator, tiny_source
-from tests.test_cli import one_line_error, torchchat
+from tests.cli_process import ROOT, one_line_error, torchchat
 from torchchat.generate.base import MAX_NUM_SAMPLES, GenerationArgs
 
 GREEDY = dict(temperature=0.0, top_k=None)
@@ -92,7 +92,6 @@ def test_a_user_error_under_torchrun_is_one_line_then_torchruns_report(tiny_mode
     import subprocess
     import sys
 
-    from tests.test_cli import ROOT
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                            "--nproc-per-node", "2", str(ROOT / "torchchat.py"), "generate", *tiny_model.cli_flags(),
