@@ -25,6 +25,13 @@ forward step is the prefill of a turn, or one decoded token; ``M`` is the number
 
 So one decoded token of SmolLM2 (30 layers) at TP 3 costs each rank 61 all-reduces + 1
 all-gather + 1 broadcast; at PP 2, 1 activation transfer per boundary + 1 broadcast.
+
+On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the
+decode path communicates outside this budget): ``broadcast_turn`` is 2 broadcasts (the pickled
+size, then the bytes); ``broadcast_token``, ``tp_all_reduce``, ``tp_all_gather`` 1 broadcast,
+all-reduce, all-gather each; ``send_activation`` / ``recv_activation`` 1 send / receive each;
+``stage_setup`` 1 send and 1 receive per neighbouring stage (a dummy each way). Nothing else: no
+barrier, no other collective.
 """
 
 from __future__ import annotations
