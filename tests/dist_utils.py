@@ -5,7 +5,8 @@ calls ``init_worker`` then ``fn(rank, world, *args)``; it returns every rank's r
 rank order. A rank that raises fails the call with its traceback; a hang past ``timeout`` kills
 every process and fails, never hangs CI. The port comes from binding port 0.
 
-``CollectiveCount`` counts the collectives a rank starts where torch.distributed starts them.
+``CollectiveCount`` counts the collectives a rank starts where torch.distributed starts them, and
+``assert_every_rank`` compares each rank's result with the expected one.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def _collect(out_dir: Path, procs, hung: list[int], timeout: float) -> list:
     if errors:
         raise RanksFailed("\n".join(errors))
     return results
+
+
+def assert_every_rank(results: list, expected, what: str):
+    """Each rank's result equals ``expected`` (not rank 0's alone): name the ranks that differ."""
+    wrong = [rank for rank, result in enumerate(results) if result != expected]
+    assert not wrong, f"{what}: rank(s) {wrong} of {len(results)} differ from the expected result:\n" + \
+        "\n".join(f"rank {rank}: {results[rank]}" for rank in wrong) + f"\nexpected: {expected}"
 
 
 # The dispatcher's communication ops (torch's own c10d and functional-collective libraries), by kind.

@@ -2,7 +2,8 @@
 
 Every TP x PP factorization that fits the tiny fixed-seed model (8 query / 4 KV heads, 4 layers),
 several sequences at once through the pipeline (microbatches), a two-turn chat, and the real
-SmolLM2 GGUF (9 / 3 heads, 30 layers: TP 3, PP 2, PP 3). Each job runs with a timeout.
+SmolLM2 GGUF (9 / 3 heads, 30 layers: TP 3, PP 2, PP 3). Each job runs with a timeout, and every
+rank's tokens are compared, not rank 0's alone (each rank yields the tokens it decided on).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import pytest
 import torch
 
-from tests.dist_utils import run_ranks
+from tests.dist_utils import assert_every_rank, run_ranks
 from tests.generators import load_parts, local_generator, scripted_user, tiny_source
 from torchchat import cpu_kernels
 from torchchat.catalog import ModelSource
@@ -47,13 +48,26 @@ def generate_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int
 
 
 def chat_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, lines: list[str], args):
-    """A chat fed by a scripted user on rank 0; rank 0's transcript, and the reply count of every rank."""
+    """A chat fed by a scripted user on rank 0: rank 0's transcript, and every rank's replies (tokens)."""
     gen = _build(source, world, tp, pp, max_seq_len=256)
     try:
-        replies = gen.run_chat(args, scripted_user(lines) if rank == 0 else _never_called)
+        replies = _recording_replies(gen)
+        assert gen.run_chat(args, scripted_user(lines) if rank == 0 else _never_called) == len(replies)
         return gen.out.getvalue(), replies
     finally:
         gen.close()
+
+
+def _recording_replies(gen) -> list:
+    """The tokens of every reply ``gen`` completes from now on (the chat session calls ``gen.complete``)."""
+    replies, complete = [], gen.complete
+
+    def recording(turn, on_text=None):
+        completions = complete(turn, on_text)
+        replies.append([c.tokens for c in completions])
+        return completions
+    gen.complete = recording
+    return replies
 
 
 def kernel_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
@@ -99,8 +113,7 @@ def test_tiny_greedy_matches_local(tiny_model, tp, pp):
     source = tiny_source(tiny_model)
     expected = _local_tokens(source, TINY_RUNS, 64)
     results = run_ranks(generate_worker, tp * pp, source, tp, pp, TINY_RUNS, {"max_seq_len": 64}, timeout=90)
-    for rank, tokens in enumerate(results):
-        assert tokens == expected, f"rank {rank} (tp {tp}, pp {pp})"
+    assert_every_rank(results, expected, f"tp {tp}, pp {pp}")
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")
@@ -123,8 +136,7 @@ def test_tiny_several_sequences_through_the_pipeline(tiny_model, tp, pp):
     expected = _local_tokens(source, BATCH_RUNS, 64)
     assert len({tuple(seq) for seq in expected[1]}) > 1, "the sampled sequences should differ"
     results = run_ranks(generate_worker, tp * pp, source, tp, pp, BATCH_RUNS, {"max_seq_len": 64}, timeout=90)
-    assert results[0] == expected
-    assert all(r == results[0] for r in results), "every rank yields the same tokens"
+    assert_every_rank(results, expected, f"tp {tp}, pp {pp}, several sequences")
 
 
 def test_pipeline_in_bf16(tiny_model):
@@ -132,7 +144,7 @@ def test_pipeline_in_bf16(tiny_model):
     source = tiny_source(tiny_model)
     expected = _local_tokens(source, TINY_RUNS, 64, dtype="bf16")
     results = run_ranks(generate_worker, 2, source, 1, 2, TINY_RUNS, {"max_seq_len": 64, "dtype": "bf16"}, timeout=90)
-    assert results[0] == expected
+    assert_every_rank(results, expected, "pp 2, bf16")
 
 
 def test_tensor_parallel_dtensor_reference_matches(tiny_model):
@@ -142,7 +154,7 @@ def test_tensor_parallel_dtensor_reference_matches(tiny_model):
     expected = _local_tokens(source, runs, 64)
     results = run_ranks(generate_worker, 2, source, 2, 1, runs, {"max_seq_len": 64, "localize_tp": False},
                         timeout=90)
-    assert results[0] == expected
+    assert_every_rank(results, expected, "tp 2, DTensor")
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=lambda v: str(v))
@@ -150,11 +162,12 @@ def test_chat_transcript_matches_local(tiny_model, tp, pp):
     source = tiny_source(tiny_model)
     args = GenerationArgs(max_new_tokens=12, temperature=0)
     local = local_generator(source, max_seq_len=256)
+    replies = _recording_replies(local)
     assert local.run_chat(args, scripted_user(CHAT)) == 2
     results = run_ranks(chat_worker, tp * pp, source, tp, pp, CHAT, args, timeout=90)
-    assert results[0] == (local.out.getvalue(), 2)
-    assert [replies for _, replies in results] == [2] * (tp * pp)
-    assert all(out == "" for out, _ in results[1:]), "only rank 0 writes"
+    assert results[0][0] == local.out.getvalue()
+    assert [out for out, _ in results[1:]] == [""] * (tp * pp - 1), "only rank 0 writes"
+    assert_every_rank([tokens for _, tokens in results], replies, f"tp {tp}, pp {pp}, the chat's replies")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +183,7 @@ SMOLLM2_RUNS = [("The capital of France is", GenerationArgs(max_new_tokens=8, te
 def test_smollm2_greedy_matches_local(smollm2_expected, tp, pp):
     source, expected = smollm2_expected
     results = run_ranks(generate_worker, tp * pp, source, tp, pp, SMOLLM2_RUNS, {"max_seq_len": 64}, timeout=150)
-    assert results[0] == expected
+    assert_every_rank(results, expected, f"smollm2, tp {tp}, pp {pp}")
 
 
 # ----- user errors, before any process starts -----
