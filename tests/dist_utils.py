@@ -4,6 +4,9 @@
 calls ``init_worker`` then ``fn(rank, world, *args)``; it returns every rank's return value, in
 rank order. A rank that raises fails the call with its traceback; a hang past ``timeout`` kills
 every process and fails, never hangs CI. The port comes from binding port 0.
+
+``CollectiveCount`` counts the collectives a rank starts where torch.distributed starts them, and
+``assert_every_rank`` compares each rank's result with the expected one.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import socket
 import tempfile
 import time
 import traceback
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "torch.distributed.tensor.parallel",
             "torchchat.model", "torchchat.generate.base"]
@@ -108,3 +113,44 @@ def _collect(out_dir: Path, procs, hung: list[int], timeout: float) -> list:
     if errors:
         raise RanksFailed("\n".join(errors))
     return results
+
+
+def assert_every_rank(results: list, expected, what: str):
+    """Each rank's result equals ``expected`` (not rank 0's alone): name the ranks that differ."""
+    wrong = [rank for rank, result in enumerate(results) if result != expected]
+    assert not wrong, f"{what}: rank(s) {wrong} of {len(results)} differ from the expected result:\n" + \
+        "\n".join(f"rank {rank}: {results[rank]}" for rank in wrong) + f"\nexpected: {expected}"
+
+
+# The dispatcher's communication ops (torch's own c10d and functional-collective libraries), by kind.
+_COMMUNICATION_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd")
+_NOT_COMMUNICATION = {"wait_tensor", "_wrap_tensor_autograd", "check_for_nan"}  # waits, wrappers, checks
+_KINDS = {
+    "broadcast_": "broadcast", "broadcast": "broadcast",
+    "allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce", "all_reduce": "all_reduce",
+    "all_reduce_": "all_reduce", "all_reduce_coalesced": "all_reduce", "all_reduce_coalesced_": "all_reduce",
+    "allgather_": "all_gather", "_allgather_base_": "all_gather", "allgather_coalesced_": "all_gather",
+    "allgather_into_tensor_coalesced_": "all_gather", "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_out": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
+    "send": "send", "isend": "send", "recv_": "recv", "recv_any_source_": "recv", "irecv": "recv",
+    "barrier": "barrier", "monitored_barrier_": "barrier",
+}
+
+
+class CollectiveCount(TorchDispatchMode):
+    """Counts, by kind, every communication this thread starts while the mode is on, at the boundary under
+    torch.distributed: the dispatcher's c10d ops, which every ProcessGroup collective and point-to-point
+    operation calls (``dist.broadcast``, ``dist.barrier``, ``dist.batch_isend_irecv``'s sends, the
+    ``*_object_list`` helpers' tensors), and the functional collectives (DTensor's, ``funcol``). Nothing that
+    communicates through a process group gets past it (a TCPStore used as a side channel would). Kinds not
+    in ``_KINDS`` are counted under their op's own name, so that they fail any expected count.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in _COMMUNICATION_NAMESPACES and func._opname not in _NOT_COMMUNICATION:
+            self.counts[_KINDS.get(func._opname, func.name())] += 1
+        return func(*args, **(kwargs or {}))

@@ -1,17 +1,20 @@
 """The sync budget of torchchat/generate/distributed.py's docstring, counted on real processes.
 
-Each rank counts its calls of the helpers in torchchat/distributed/collectives.py per phase (a
-turn's broadcast, a prefill, the decoded tokens) and the counts must equal the formula, written
-out again here, for TP 2, PP 2 and TP 2 x PP 2 on the tiny model.
+Each rank counts, per phase (a turn's broadcast, a prefill, the decoded tokens), two things: its calls
+of the helpers in torchchat/distributed/collectives.py, and every communication torch.distributed
+itself starts (``CollectiveCount``, at the dispatcher's c10d and functional-collective ops, so a raw
+``dist.barrier()`` or a DTensor collective is counted as well). Both must equal the docstring's
+formula, written out again here, for TP 2, PP 2 and TP 2 x PP 2 on the tiny model.
 """
 
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import pytest
 
-from tests.dist_utils import run_ranks
+from tests.dist_utils import CollectiveCount, run_ranks
 from tests.generators import tiny_source
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.generate.base import GenerationArgs, Turn
@@ -34,8 +37,9 @@ def budget_worker(rank: int, world: int, source, tp: int, pp: int):
 
     def count(name, action):
         collectives.reset_counts()
-        result = action()
-        phases[name] = collectives.counts()
+        with CollectiveCount() as wire:
+            result = action()
+        phases[name] = collectives.counts(), dict(wire.counts)
         return result
 
     try:
@@ -71,6 +75,20 @@ def expected_step(tp: int, pp: int, stage: int, layers: int, microbatches: int, 
     return counts
 
 
+def on_the_wire(helpers: dict[str, int], stage: int, pp: int) -> dict[str, int]:
+    """The docstring's torch.distributed operations for these helper calls on a rank of ``stage``."""
+    neighbours = (stage > 0) + (stage < pp - 1)
+    per_call = {"broadcast_turn": {"broadcast": 2}, "broadcast_token": {"broadcast": 1},
+                "tp_all_reduce": {"all_reduce": 1}, "tp_all_gather": {"all_gather": 1},
+                "send_activation": {"send": 1}, "recv_activation": {"recv": 1},
+                "stage_setup": {"send": neighbours, "recv": neighbours}}
+    wire = Counter()
+    for helper, calls in helpers.items():
+        for kind, n in per_call[helper].items():
+            wire[kind] += calls * n
+    return dict(wire)
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=lambda v: str(v))
 def test_counted_collectives_equal_the_budget(tiny_model, tp, pp):
     results = run_ranks(budget_worker, tp * pp, tiny_source(tiny_model), tp, pp, timeout=90)
@@ -79,15 +97,16 @@ def test_counted_collectives_equal_the_budget(tiny_model, tp, pp):
         def step(micro, steps, new):
             return expected_step(tp, pp, stage, layers, micro, steps, new)
 
-        where = f"rank {rank} (stage {stage}, {layers} layers, tp {tp}, pp {pp})"
-        assert phases["first.turn"] == {"broadcast_turn": 1}, where
-        assert phases["first.prefill"] == step(1, 1, True), where
-        assert phases["first.decode"] == step(1, decode_steps, True), where
-        assert phases["again.turn"] == {"broadcast_turn": 1}, where
-        assert phases["again.prefill"] == step(1, 1, False), where  # the same shapes: no new stage
-        assert phases["again.decode"] == step(1, decode_steps, False), where
-        # Two sequences: two microbatches through two stages (one batch of 2 without a pipeline).
-        micro = 2 if pp > 1 else 1
-        assert phases["batch2.prefill"] == step(micro, 1, True), where
-        assert phases["batch2.decode"] == step(micro, decode_steps, True), where
-        assert phases["end"] == {"broadcast_turn": 1}, where
+        turn = {"broadcast_turn": 1}
+        micro = 2 if pp > 1 else 1  # two sequences: two microbatches through two stages, else one batch of 2
+        expected = {"first.turn": turn, "first.prefill": step(1, 1, True), "first.decode": step(1, decode_steps, True),
+                    "again.turn": turn, "again.prefill": step(1, 1, False),  # the same shapes: no new stage
+                    "again.decode": step(1, decode_steps, False),
+                    "batch2.turn": turn, "batch2.prefill": step(micro, 1, True),
+                    "batch2.decode": step(micro, decode_steps, True), "end": turn}
+        assert list(phases) == list(expected)
+        for phase, helpers in expected.items():
+            where = f"rank {rank} (stage {stage}, {layers} layers, tp {tp}, pp {pp}), {phase}"
+            counted, wire = phases[phase]
+            assert counted == helpers, where
+            assert wire == on_the_wire(helpers, stage, pp), f"{where}: torch.distributed's own operations"

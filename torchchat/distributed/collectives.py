@@ -3,7 +3,8 @@
 The sync budget (how many of each per turn, per forward step, per layer) is written in
 ``torchchat/generate/distributed.py``'s docstring; ``tests/test_sync_budget.py`` checks these
 counters against it. Nothing else in torchchat calls ``torch.distributed`` collectives during
-generation.
+generation: the same test counts torch.distributed's own operations too (at the dispatcher), so a
+collective added outside these helpers fails it.
 """
 
 from __future__ import annotations

@@ -6,19 +6,24 @@ source of truth: the placements it gives each parameter decide which slice of th
 rank loads (``shard_of``), and which collective ``localize`` installs after each module.
 
 ``localize`` then swaps every DTensor parameter for its plain local shard and replaces DTensor's
-input/output hooks by plain ones: nothing for a column-wise layer, an all-reduce after a
-row-wise one, an all-gather of the logits. DTensor's eager dispatch costs about 0.15-0.2 ms per
-parallel linear on CPU (about 2x per token, docs: DISTRIBUTED.md); these hooks cost only the
-collective itself. Without ``localize`` the model runs as DTensors (the reference, for tests).
+input/output hooks by plain ones: nothing for a column-wise layer, an all-reduce after the
+vocab-sharded embedding; a row-wise linear becomes a ``RowwiseLinear``, which all-reduces its
+partial sums in float32 and rounds them once, as one process's linear does, and the output layer a
+``GatheredLinear`` (the logits' all-gather). DTensor's eager dispatch costs about 0.15-0.2 ms per
+parallel linear on CPU (about 2x per token, docs: distributed.md); these cost only the collective
+itself. Without ``localize`` the model runs as DTensors (the reference, for tests, in float32: it
+rounds each bf16 partial sum).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
+from torchchat import cpu_kernels
 from torchchat.distributed.collectives import tp_all_gather, tp_all_reduce
 from torchchat.model import Transformer
 
@@ -72,7 +77,7 @@ def localize(model: Transformer, plan: dict[str, ParallelStyle], tp_mesh):
         _drop_dtensor_hooks(module)
         for name, param in list(module.named_parameters(recurse=False)):
             module.register_parameter(name, nn.Parameter(param.to_local(), requires_grad=False))
-        _install_collective(fqn, module, style, group, world, rank)
+        _install_collective(model, fqn, module, style, group, world, rank)
 
 
 def _drop_dtensor_hooks(module: nn.Module):
@@ -82,26 +87,74 @@ def _drop_dtensor_hooks(module: nn.Module):
         hooks.clear()
 
 
-def _install_collective(fqn: str, module: nn.Module, style: ParallelStyle, group, world: int, rank: int):
+def _install_collective(model: nn.Module, fqn: str, module: nn.Module, style: ParallelStyle, group, world: int,
+                        rank: int):
     replicated_out = isinstance(style.output_layouts[0], Replicate)
-    if isinstance(style, ColwiseParallel) and isinstance(module, nn.Linear):
+    owner, _, name = fqn.rpartition(".")
+    plain_linear = type(module) is nn.Linear and module.bias is None
+    if isinstance(style, ColwiseParallel) and plain_linear:
         if replicated_out:
-            module.register_forward_hook(_gather_last_position(group, world))
+            setattr(model.get_submodule(owner), name, GatheredLinear(module.weight, group, world))
         # else: the output stays sharded on the last dim (heads, hidden units): no communication
-    elif isinstance(style, RowwiseParallel) and isinstance(module, nn.Linear) and replicated_out:
-        module.register_forward_hook(lambda _m, _args, partial: tp_all_reduce(partial, group))
+    elif isinstance(style, RowwiseParallel) and plain_linear and replicated_out:
+        setattr(model.get_submodule(owner), name, RowwiseLinear(module.weight, group))
     elif isinstance(style, RowwiseParallel) and isinstance(module, nn.Embedding) and replicated_out:
         _vocab_shard_lookup(module, group, rank)
     else:
         raise NotImplementedError(f"no plain-tensor version of {style} on {fqn} ({type(module).__name__})")
 
 
-def _gather_last_position(group, world: int):
-    """Vocab-sharded logits -> full logits, for the last position only: generation samples there
-    alone, and a prompt's every position would multiply the gathered bytes by its length."""
-    def hook(_module, _args, shard):  # shard: (B, T, vocab / tp)
-        return tp_all_gather(shard[:, -1:], group, world)  # (B, 1, vocab)
-    return hook
+class RowwiseLinear(nn.Module):
+    """A row-wise parallel linear (``wo``, ``w2``) on its plain local shard: this rank's partial sums over
+    its slice of the input features, all-reduced over the tp group.
+
+    The partial sums stay in float32 through the all-reduce and are rounded to the model's dtype once,
+    after it, as one process's linear rounds its float32 accumulator once: they differ from one process's
+    only by the order of the float32 additions, which now and then moves a bf16 value to its neighbour
+    (SmolLM2's shapes at TP 3: about 1 in 10^4). Rounding each partial sum to bf16 and adding them in bf16,
+    as DTensor's RowwiseParallel does, moved 38% of them at the tiny model's shapes, and greedy runs of 32
+    tokens parted from one process's on 4 of 8 prompts (now 0 of 8 against its modules; docs/distributed.md).
+    Cost: a bf16 model's all-reduces carry float32, twice the bytes, in the same number.
+
+    That is on CPU, where the float32 sums come free (the gemv op sums in float32; a prompt's bf16 linears run
+    as float32 GEMMs anyway, as in LocalGenerator). Elsewhere (CUDA, not measured here: no GPU) the partial
+    sums stay in the model's dtype as before: a float32 copy of the weight at every step would cost more
+    than the linear itself.
+    """
+
+    def __init__(self, weight: nn.Parameter, group):
+        super().__init__()
+        self.weight = weight  # (out, in / tp): the input features are split
+        self.group = group  # the tp group of this rank's stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in / tp)
+        return tp_all_reduce(_partial_sums(x, self.weight), self.group).to(x.dtype)  # (..., out)
+
+
+def _partial_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T``: in float32 on CPU, whatever the weight's float dtype; elsewhere in x's dtype."""
+    if x.device.type != "cpu":
+        return F.linear(x, weight)  # (..., out)
+    x = x.float()
+    if cpu_kernels.supports(x, weight):  # one row (a batch-1 decode step): the op LocalGenerator uses
+        return torch.ops.torchchat.gemv(x, weight)  # (..., out), float32
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    return cpu_kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float())
+
+
+class GatheredLinear(cpu_kernels.GemvLinear):
+    """A column-wise parallel linear whose output is replicated (the output layer): this rank's vocab
+    shard of the logits, for the last position only, all-gathered. Generation samples there alone, and
+    a prompt's every position would multiply the work and the gathered bytes by its length. The shard is
+    computed as one process computes its rows (``GemvLinear``: the gemv op for one row on CPU)."""
+
+    def __init__(self, weight: nn.Parameter, group, world: int):
+        super().__init__(weight)  # (vocab / tp, dim)
+        self.group, self.world = group, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, dim)
+        return tp_all_gather(super().forward(x[:, -1:]), self.group, self.world)  # (B, 1, vocab)
 
 
 def _vocab_shard_lookup(embedding: nn.Embedding, group, rank: int):

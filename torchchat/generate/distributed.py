@@ -25,10 +25,21 @@ forward step is the prefill of a turn, or one decoded token; ``M`` is the number
 
 So one decoded token of SmolLM2 (30 layers) at TP 3 costs each rank 61 all-reduces + 1
 all-gather + 1 broadcast; at PP 2, 1 activation transfer per boundary + 1 broadcast.
+
+On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the
+decode path communicates outside this budget): ``broadcast_turn`` is 2 broadcasts (the pickled
+size, then the bytes); ``broadcast_token``, ``tp_all_reduce``, ``tp_all_gather`` 1 broadcast,
+all-reduce, all-gather each; ``send_activation`` / ``recv_activation`` 1 send / receive each;
+``stage_setup`` 1 send and 1 receive per neighbouring stage (a dummy each way). Nothing else: no
+barrier, no other collective. In a bf16 (or fp16) model on CPU the ``tp_all_reduce`` after ``wo``
+and ``w2`` carries float32 partial sums (rounded once, after the sum, as one process's linear
+rounds: see ``RowwiseLinear``), twice the bytes of the model's dtype; the embedding's stays in the
+model's dtype (its sum adds zeros: exact).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterator
 
@@ -43,7 +54,7 @@ from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.pipeline import Pipeline, StageModule, trim_to_stage
 from torchchat.distributed.tensor_parallel import localize, parallelize
 from torchchat.generate.base import Generator, Turn
-from torchchat.generate.local import DTYPES
+from torchchat.generate.local import DTYPES, _Float32Linears, _native_bf16  # LocalGenerator's prefill GEMMs
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
 
@@ -75,7 +86,7 @@ class DistributedGenerator(Generator):
     chat_help = "chat: type a message; /bye or Ctrl-D ends, Ctrl-C ends every rank"
 
     def __init__(self, runner, model_args, tokenizer, chat_format, dims: ParallelDims, mesh, *, max_seq_len: int,
-                 max_batch: int = 1, device="cpu", turn_group=None, **kwargs):
+                 max_batch: int = 1, device="cpu", turn_group=None, float32_prefill: bool = False, **kwargs):
         super().__init__(model_args, tokenizer, chat_format, max_seq_len=max_seq_len, device=device,
                          is_io_rank=dist.get_rank() == 0, **kwargs)
         self.runner = runner  # runs forward steps: WholeStage (no pipeline) or Pipeline
@@ -85,6 +96,8 @@ class DistributedGenerator(Generator):
         self.sampler_rank = int(mesh.mesh[-1, 0])  # tp rank 0 of the last stage decides every token
         self.is_sampler = dist.get_rank() == self.sampler_rank
         self.max_batch = max_batch
+        # A prompt's bf16/fp16 linears as float32 GEMMs, as LocalGenerator's prefill on a CPU without native bf16
+        self.float32_prefill = float32_prefill
         runner.setup_caches(max_batch, max_seq_len)
         self._closed = False
 
@@ -112,13 +125,18 @@ class DistributedGenerator(Generator):
                              mesh.get_group("pp"), device, DTYPES[dtype], args)
         else:
             runner = WholeStage(model)
+        plain = dims.tp == 1 or localize_tp  # no DTensor: the CPU ops and modes below take plain tensors only
+        on_cpu = device.type == "cpu"
         gen = cls(runner, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
-                  device=device, turn_group=turn_group, **kwargs)
-        if device.type == "cpu":  # speed: decode attention over the filled cache only (this rank's heads)
+                  device=device, turn_group=turn_group,
+                  float32_prefill=on_cpu and plain and DTYPES[dtype] != torch.float32 and not _native_bf16(), **kwargs)
+        # The same CPU kernels as LocalGenerator, so that a rank computes what one process computes (and as fast):
+        if on_cpu:  # decode attention over the filled cache only (this rank's heads)
             cpu_kernels.use_decode_attention(model)
-            if dims.tp == 1:  # speed: a stage's batch-1 decode step in one block-op call, as LocalGenerator's
-                cpu_kernels.use_gemv(model)  # (TP ranks: the linears carry the collectives' hooks)
-                cpu_kernels.use_fused_decode(model)
+        if on_cpu and plain:  # one-row linears through the gemv op: a TP rank's column-wise ones (localize's
+            cpu_kernels.use_gemv(model)  # RowwiseLinear and GatheredLinear call it themselves)
+        if on_cpu and dims.tp == 1:  # a stage's batch-1 decode step in one block-op call (a TP rank's
+            cpu_kernels.use_fused_decode(model)  # layers all-reduce inside the block)
         gen.log(f"stage {stage_index + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
                 f"tp {mesh.get_local_rank('tp') + 1}/{dims.tp}: loaded {source.name} ({dtype}, {device}) in "
                 f"{time.perf_counter() - t0:.2f} s, peak memory {peak_memory_mb(device):.0f} MB")
@@ -131,7 +149,8 @@ class DistributedGenerator(Generator):
 
     def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         self._check_batch(tokens.size(0))
-        with torch.no_grad():  # never inference_mode: DTensor (the reference path) fails under it
+        linears = _Float32Linears() if self.float32_prefill else contextlib.nullcontext()
+        with torch.no_grad(), linears:  # never inference_mode: DTensor (the reference path) fails under it
             logits = self.runner.forward(tokens, start_pos)  # (B, vocab) on the last stage, else None
         return self._decide(logits, tokens.size(0))
 
