@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from torchchat.model import ConfigError
+from torchchat.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, ConfigError
 
 DEFAULT_CHAT_SEQ_LEN = 2048
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS.get(args.command, getattr(args, "handler", None))(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -6,7 +6,7 @@ distributed launcher, which builds the generator on every rank and calls it on e
 
 from __future__ import annotations
 
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 
 
 def add_parser(sub, add_model_flags, add_runtime_flags, add_sampling_flags):

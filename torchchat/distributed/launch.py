@@ -32,9 +32,7 @@ from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.process_group import (WorkerEnv, all_gather_objects, collective_timeout, process_group,
                                                  rank_prefixed_stderr, set_threads, worker_device)
 from torchchat.distributed.spawn import die_with_launcher, launch_workers
-from torchchat.model import ConfigError
-
-EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PEER_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from torchchat.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_USER_ERROR, ConfigError
 
 # What gloo and NCCL say when the other side of a collective went away or never answered.
 _PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",

@@ -19,7 +19,7 @@ from typing import Iterator, TextIO
 import torch
 import torch.distributed as dist
 
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 
 # The variables torchrun sets for each worker; all of them or none.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

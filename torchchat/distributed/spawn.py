@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torchchat.distributed.process_group import WorkerEnv, threads_per_process
+from torchchat.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_FAILED, EXIT_USER_ERROR
 
 POLL_S = 0.05
 FAILURE_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
@@ -81,8 +82,8 @@ class Exit:
 
     @property
     def echo(self) -> bool:
-        """A rank that only failed because another one did (see launch.EXIT_PEER_FAILED)."""
-        return self.code == 3
+        """A rank that only failed because another one did (it exited EXIT_PEER_FAILED)."""
+        return self.code == EXIT_PEER_FAILED
 
     def describe(self) -> str:
         if self.echo:  # no rank failed on its own: one hung, or its failure went unseen
@@ -120,10 +121,10 @@ class Workers:
             if failure is not None:
                 self.stop(signal.SIGTERM)
                 return self._report(failure)
-            return 0
+            return EXIT_OK
         except KeyboardInterrupt:
             self._interrupt()
-            return 130
+            return EXIT_INTERRUPTED
         finally:
             self.stop(signal.SIGKILL, grace=0)  # nothing outlives the launcher
             signal.signal(signal.SIGTERM, previous)
@@ -148,7 +149,7 @@ class Workers:
         return ended
 
     def _report(self, failure: Exit) -> int:
-        if failure.code in (2, 130):  # a user error or Ctrl-C: the rank said so already
+        if failure.code in (EXIT_USER_ERROR, EXIT_INTERRUPTED):  # a user error or Ctrl-C: the rank said so already
             return failure.code
         others = len(self.procs) - 1
         print(f"error: {failure.describe()}; stopped the other {others} rank{'s' if others != 1 else ''}",
