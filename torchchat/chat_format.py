@@ -24,7 +24,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from torchchat.catalog import ModelSource
-from torchchat.errors import ChatFormatError, ConfigError
+from torchchat.errors import ChatFormatError
 from torchchat.tokenizer import SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)

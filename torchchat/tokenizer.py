@@ -24,7 +24,7 @@ import sentencepiece
 import tiktoken
 
 from torchchat.catalog import ModelSource
-from torchchat.errors import ConfigError, TokenizerError
+from torchchat.errors import TokenizerError
 
 # Tokens that end a reply: end of text, of turn, of message. Whichever a vocabulary has are stop ids.
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
