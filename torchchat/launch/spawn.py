@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torchchat.distributed.process_group import WorkerEnv, threads_per_process
 from torchchat.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_FAILED, EXIT_USER_ERROR
@@ -26,20 +27,19 @@ POLL_S = 0.05
 FAILURE_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 INTERRUPT_GRACE_S = 20.0  # after Ctrl-C, for ranks to finish on their own (a server drains its requests)
 
-# A rank runs the CLI again, from the same package as this launcher, whatever started it
-# (torchchat.py, the `torchchat` console script, python -m).
+# A rank runs the same command line again, from the same package as this launcher, whatever started it
+# (torchchat.py, the `torchchat` console script, python -m). A string, not an import: the launcher
+# sits below the CLI.
 _ENTRY = "import sys; from torchchat.cli import main; sys.exit(main(sys.argv[1:]))"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 LAUNCHER_PID_ENV = "TORCHCHAT_LAUNCHER_PID"
 
 
-def launch_workers(args, argv: list[str]) -> int:
-    """Check the job, start its ranks, wait for them; the exit code is 0 only if every rank succeeded."""
-    from torchchat.distributed.launch import check_job
-
-    world = args.tp * args.pp
-    check_job(args, WorkerEnv(rank=0, local_rank=0, world_size=world, local_world_size=world,
-                              master_addr="127.0.0.1", master_port=0))
+def launch_workers(argv: list[str], world: int, check: Callable[[WorkerEnv], object]) -> int:
+    """Check the job (``check``: what every rank checks, as rank 0 of this machine), start its ranks, wait for
+    them; the exit code is 0 only if every rank succeeded."""
+    check(WorkerEnv(rank=0, local_rank=0, world_size=world, local_world_size=world, master_addr="127.0.0.1",
+                    master_port=0))
     workers = Workers.start(argv, world, free_port())
     return workers.wait()
 
