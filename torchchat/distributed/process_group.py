@@ -1,9 +1,9 @@
 """This process's place in a distributed job: its rank, device, threads, log prefix and process group.
 
-Everything here reads what torchrun (or torchchat's own launcher, ``torchchat/launch/spawn.py``) puts in the
-environment. Nothing assumes one node: ``RANK`` numbers the processes of the whole job,
-``LOCAL_RANK`` those of this machine (it picks the GPU), and the two differ on every node but
-the first.
+Everything here reads what torchrun (or torchchat's own launcher, ``torchchat/launch/spawn.py``)
+puts in the environment. Nothing assumes one node: ``RANK`` numbers the processes of the whole
+job, ``LOCAL_RANK`` those of this machine (it picks the GPU), and the two differ on every node
+but the first.
 """
 
 from __future__ import annotations
