@@ -40,7 +40,7 @@ def run_distributed(args, argv: list[str], command) -> int:
     env = WorkerEnv.from_environ()
     if env is None:
         world = args.tp * args.pp
-        return launch_workers(argv, world, check=lambda env: check_job(args, env))
+        return launch_workers(argv, world, check=lambda rank0: check_job(args, rank0))
     return run_worker(args, env, command)
 
 
