@@ -27,7 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors as one line (not the usage block), naming the fix; exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def finite_float(text: str) -> float:
