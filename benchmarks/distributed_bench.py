@@ -41,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 
 from torchchat.catalog import ModelSource, embedded_gguf  # noqa: E402
 from torchchat.distributed.process_group import WorkerEnv, process_group, threads_per_process  # noqa: E402
-from torchchat.distributed.spawn import free_port  # noqa: E402
+from torchchat.launch.spawn import free_port  # noqa: E402
 from torchchat.model import ModelArgs, Transformer  # noqa: E402
 
 # DISTRIBUTED.md's prototype shape: dim 512, 8 layers, 8 query / 4 KV heads, vocab 32000.

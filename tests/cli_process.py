@@ -30,7 +30,7 @@ def torchchat(*args, stdin: str | None = None, timeout: int = 180,
 
 
 def chat_transcript(gen, lines: list[str], args: GenerationArgs, system_prompt: str | None = None) -> str:
-    """What `torchchat.py chat` prints on stdout for these lines, then EOF (cli.read_user_line's prompts)."""
+    """What `torchchat.py chat` prints on stdout for these lines, then EOF (commands.read_user_line's prompts)."""
     pending = iter(lines)
 
     def read_user():

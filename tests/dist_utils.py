@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 def init_worker(rank: int, world: int, port: int, timeout_s: float = 60.0):
-    """What launch.py does for the CLI: one thread, env:// rendezvous on localhost, gloo."""
+    """What torchchat/launch/worker.py does for the CLI: one thread, env:// rendezvous on localhost, gloo."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)

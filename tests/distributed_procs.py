@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchchat.distributed.spawn import free_port
+from torchchat.launch.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHCHAT = str(ROOT / "torchchat.py")

@@ -55,8 +55,9 @@ def test_hf_names_and_rotary_layout_round_trip():
         f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                 "mlp.down_proj", "input_layernorm", "post_attention_layernorm")}
-    assert torch.equal(unpermute(hf["model.layers.0.self_attn.q_proj.weight"], 4), state["layers.0.attention.wq.weight"])
-    assert torch.equal(unpermute(hf["model.layers.0.self_attn.k_proj.weight"], 2), state["layers.0.attention.wk.weight"])
+    attention = "model.layers.0.self_attn"
+    assert torch.equal(unpermute(hf[f"{attention}.q_proj.weight"], 4), state["layers.0.attention.wq.weight"])
+    assert torch.equal(unpermute(hf[f"{attention}.k_proj.weight"], 2), state["layers.0.attention.wk.weight"])
     assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"], state["layers.0.attention.wq.weight"])
     # Meta's w1 is the gate (under SiLU), w3 the up projection, w2 the down one; a swap changes the outputs
     # only in third order for small activations (test_transformers_peer_gives_torchchats_logits sees it).
@@ -125,15 +126,16 @@ def test_each_setting_is_compared_with_llama_cpp_on_the_matching_file_type():
     def result(engine, dtype, setting, decode):
         return Result(engine, "smollm2-135m", dtype, setting, decode_tok_s=decode)
 
-    rows = annotate([result("torchchat", "fp32", "fp32 compile", 30.0), result("torchchat", "fp32", "fp32 int4 compile", 50.0),
-                     result("torchchat", "bf16", "bf16", 20.0), result("llama.cpp", "F32", "F32", 25.0),
-                     result("llama.cpp", "Q4_1", "Q4_1", 40.0)])
+    rows = annotate([result("torchchat", "fp32", "fp32 compile", 30.0),
+                     result("torchchat", "fp32", "fp32 int4 compile", 50.0), result("torchchat", "bf16", "bf16", 20.0),
+                     result("llama.cpp", "F32", "F32", 25.0), result("llama.cpp", "Q4_1", "Q4_1", 40.0)])
     assert [r.get("decode_vs_llama_cpp") for r in rows] == [1.2, 1.25, None, None, None]
 
 
 def test_interleaved_rounds_merge_into_medians_with_or_without_per_run_figures():
     """--interleave: each round is one subprocess; llama-bench reports a mean per round, not its runs."""
-    ours = [Result("torchchat", "m", "fp32", "fp32", decode_tok_s=d, runs=[[0.1, 100.0, d]]) for d in (30.0, 10.0, 20.0)]
+    ours = [Result("torchchat", "m", "fp32", "fp32", decode_tok_s=d, runs=[[0.1, 100.0, d]])
+            for d in (30.0, 10.0, 20.0)]
     peer = [Result("llama.cpp", "m", "F32", "F32", ttft_s=0.2, prefill_tok_s=p, decode_tok_s=d, peak_rss_mb=m)
             for p, d, m in ((300.0, 40.0, 500.0), (100.0, 35.0, 600.0), (200.0, 45.0, 550.0))]
     assert merge(ours).decode_tok_s == 20.0 and len(merge(ours).runs) == 3

@@ -13,7 +13,7 @@ from tests.assets import llama3_tokenizer_model, train_sentencepiece, write_byte
 from torchchat.catalog import ModelSource, embedded_gguf
 from torchchat.chat_format import (ChatFormatError, ChatMLFormat, JinjaChatFormat, Llama2ChatFormat,
                                    Llama3ChatFormat, RawFormat, chat_format_for, chat_template)
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat.tokenizer import load_tokenizer
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -16,7 +16,8 @@ from torchchat.catalog import ModelSource
 from torchchat.checkpoint import CheckpointError, expected_shapes, load_model, load_state_dict, read_model_args
 from torchchat.checkpoints import gguf as gguf_format
 from torchchat.checkpoints.meta import meta_hidden_dim
-from torchchat.model import KNOWN_MODELS, ConfigError, RopeScaling, Transformer, rope_frequencies
+from torchchat.errors import ConfigError
+from torchchat.model import KNOWN_MODELS, RopeScaling, Transformer, rope_frequencies
 
 TOKENS = [1, 17, 42, 5, 95, 0, 63]
 TIED = TINY.with_(tie_embeddings=True)

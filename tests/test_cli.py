@@ -27,7 +27,7 @@ from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator
 from torchchat.tokenizer import load_tokenizer
 
-CHAT_CONTEXT = 2048  # a chat's KV cache: cli.DEFAULT_CHAT_SEQ_LEN, or the model's context if shorter
+CHAT_CONTEXT = 2048  # a chat's KV cache: builder.DEFAULT_CHAT_SEQ_LEN, or the model's context if shorter
 PAGE = 4096
 
 

@@ -20,7 +20,8 @@ from torchchat.catalog import ModelSource
 from torchchat.checkpoint import load_model, read_model_args
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.generate.base import GenerationArgs
-from torchchat.model import KNOWN_MODELS, ConfigError, ModelArgs
+from torchchat.errors import ConfigError
+from torchchat.model import KNOWN_MODELS, ModelArgs
 
 GREEDY = GenerationArgs(max_new_tokens=16, temperature=0, top_k=None)
 PROMPT = "The quick brown fox"

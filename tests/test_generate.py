@@ -115,7 +115,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat(tiny_model):
     decode = gen.decode_n_tokens
 
     def interrupted_once(token, start_pos, n):
-        for i, tok in enumerate(decode(token, start_pos, n)):
+        for tok in decode(token, start_pos, n):
             steps["n"] += 1
             if steps["n"] == 3:
                 raise KeyboardInterrupt
@@ -147,7 +147,8 @@ def test_compiled_decode_equals_eager_across_turns_of_another_batch(tiny_model, 
         want = [c.tokens for c in eager.complete(Turn(eager.encode_prompt(prompt), args))]
         got = [c.tokens for c in compiled.complete(Turn(compiled.encode_prompt(prompt), args))]
         assert got == want
-    assert len(stances) == 3 * 6 and all(k == {"skip_guard_eval_unsafe": True} for k in stances)  # 7 decode steps a turn
+    # 7 decode steps a turn
+    assert len(stances) == 3 * 6 and all(k == {"skip_guard_eval_unsafe": True} for k in stances)
 
 
 def test_compiled_step_that_must_recompile_mid_run_takes_the_checked_path(tiny_model):

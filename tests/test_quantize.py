@@ -10,7 +10,7 @@ from tests.generators import load_parts, local_generator, tiny_source
 from torchchat.catalog import ModelSource
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat import cpu_kernels
 from torchchat.quantize import Int4Linear, Int4PackedLinear, Int8Linear, int4_group_size, quantize_model
 

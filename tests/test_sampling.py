@@ -3,7 +3,7 @@ import torch
 
 from torchchat.generate.base import GenerationArgs
 from torchchat.generate.sampling import sample
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 
 
 def test_greedy_is_argmax():

@@ -11,7 +11,7 @@ import regex
 from tests.assets import (llama3_tokenizer_model, sentencepiece_gguf_fields, train_sentencepiece,
                           write_byte_tiktoken, write_gguf_metadata)
 from torchchat.catalog import ModelSource, embedded_gguf
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer
 
 ROUND_TRIP = ["Hello world", "héllo wörld, naïve café", "emoji 🙂👍🏽 and flags 🇫🇷", "日本語のテキスト",

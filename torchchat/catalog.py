@@ -10,7 +10,8 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchchat.model import KNOWN_MODELS, ConfigError
+from torchchat.errors import ConfigError
+from torchchat.model import KNOWN_MODELS
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_DIR = Path.home() / ".torchchat" / "models"

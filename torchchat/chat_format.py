@@ -24,17 +24,13 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from torchchat.catalog import ModelSource
-from torchchat.model import ConfigError
+from torchchat.errors import ChatFormatError
 from torchchat.tokenizer import SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
-
-
-class ChatFormatError(ConfigError):
-    """Messages a chat format cannot encode, or a chat template that cannot be used: one line."""
 
 
 class ChatFormat(ABC):

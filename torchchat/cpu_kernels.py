@@ -32,7 +32,8 @@ import torch
 import torch.utils.cpp_extension
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp")  # compiled; csrc's headers are in the key too
+# Compiled; csrc's headers are in the build's key too.
+SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 CACHE_DTYPES = (torch.float16, torch.float32)  # KV caches the attention kernels read (csrc/attend.h)
@@ -105,7 +106,8 @@ def _build() -> Path:
         raise OSError("no C++ compiler (c++ or g++) on PATH")
     torch_lib = Path(torch.__file__).parent / "lib"
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-               *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()), *(str(source) for source in SOURCES),
+               *(f"-I{path}" for path in torch.utils.cpp_extension.include_paths()),
+               *(str(source) for source in SOURCES),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
     sources = b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.[ch]*")))
     key = hashlib.sha256(sources + " ".join(command + [torch.__version__]).encode()).hexdigest()[:16]

@@ -17,9 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
+from torchchat.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from torchchat import cpu_kernels
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts

@@ -24,7 +24,7 @@ import sentencepiece
 import tiktoken
 
 from torchchat.catalog import ModelSource
-from torchchat.model import ConfigError
+from torchchat.errors import TokenizerError
 
 # Tokens that end a reply: end of text, of turn, of message. Whichever a vocabulary has are stop ids.
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
@@ -59,10 +59,6 @@ _REPLACEMENT = "\ufffd".encode()
 
 # GGUF token types (llama.cpp's, the same numbers as sentencepiece's piece types) that are not text.
 _CONTROL, _USER_DEFINED = 3, 4
-
-
-class TokenizerError(ConfigError):
-    """A tokenizer that cannot be found or read: one line naming the file and the fix."""
 
 
 class Tokenizer(ABC):

@@ -17,8 +17,6 @@ class _NoTokenizer:
 
 
 def run_torchchat(case: Case, w: Workload) -> Result:
-    import torch
-
     from torchchat.generate.base import GenerationArgs, Turn
     from torchchat.generate.local import DTYPES, LocalGenerator
 

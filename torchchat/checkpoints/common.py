@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from torchchat.model import KNOWN_MODELS, ConfigError, ModelArgs
+from torchchat.errors import CheckpointError, ConfigError
+from torchchat.model import KNOWN_MODELS, ModelArgs
 
 # Buffers that older code saved beside the weights; they are recomputed, never loaded.
 NON_WEIGHTS = ("rope.freqs", "freqs_cis", "causal_mask", "kv_cache.k_cache", "kv_cache.v_cache")
@@ -19,10 +20,6 @@ NON_WEIGHTS = ("rope.freqs", "freqs_cis", "causal_mask", "kv_cache.k_cache", "kv
 GGUF_MAGIC = b"GGUF"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be read or does not match the model: one line naming the fix."""
 
 
 @dataclass

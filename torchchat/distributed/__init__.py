@@ -7,5 +7,5 @@
 - ``pipeline``: the stage split and its driving through torch.distributed.pipelining;
 - ``loading``: only this rank's layers and shards from the checkpoint;
 - ``collectives``: every communication, named and counted (the sync budget);
-- ``launch``, ``spawn``, ``process_group``: starting and joining the processes.
+- ``process_group``: this process's rank, device and process group (joined by ``torchchat/launch/``).
 """

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torchchat.model import KNOWN_MODELS, ConfigError, ModelArgs
+from torchchat.errors import ConfigError
+from torchchat.model import KNOWN_MODELS, ModelArgs
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """This process's place in a distributed job: its rank, device, threads, log prefix and process group.
 
-Everything here reads what torchrun (or torchchat's own launcher, ``spawn.py``) puts in the
-environment. Nothing assumes one node: ``RANK`` numbers the processes of the whole job,
-``LOCAL_RANK`` those of this machine (it picks the GPU), and the two differ on every node but
-the first.
+Everything here reads what torchrun (or torchchat's own launcher, ``torchchat/launch/spawn.py``)
+puts in the environment. Nothing assumes one node: ``RANK`` numbers the processes of the whole
+job, ``LOCAL_RANK`` those of this machine (it picks the GPU), and the two differ on every node
+but the first.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterator, TextIO
 import torch
 import torch.distributed as dist
 
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 
 # The variables torchrun sets for each worker; all of them or none.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -30,6 +30,10 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # group of DistributedGenerator instead. Raise it for models whose prefill takes longer than this.
 TIMEOUT_ENV = "TORCHCHAT_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
+
+# What gloo and NCCL say when the other side of a collective went away or never answered.
+_PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",
+                       "connection refused", "socket closed", "nccl communicator was aborted", "read error")
 
 
 @dataclass(frozen=True)
@@ -178,3 +182,11 @@ def all_gather_objects(value) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Did a collective fail because another rank died, left or hung (not because of this rank)?"""
+    if isinstance(error, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(sign in text for sign in _PEER_FAILURE_SIGNS)

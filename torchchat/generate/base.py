@@ -23,10 +23,11 @@ from typing import Callable, Iterator, TextIO
 
 import torch
 
+from torchchat.errors import ConfigError, ContextFull
 from torchchat.generate.sampling import sample
 from torchchat.generate.stats import GenerationStats
 from torchchat.generate.streaming import TextStreamer
-from torchchat.model import ConfigError, ModelArgs
+from torchchat.model import ModelArgs
 
 
 SEED_LIMIT = 2**64  # seeds are in [0, 2**64): what torch.Generator.manual_seed takes, unsigned
@@ -128,10 +129,6 @@ class _Batch:
     @property
     def done(self) -> bool:
         return not any(self.active(i) for i in range(self.size))
-
-
-class ContextFull(ConfigError):
-    """The conversation no longer fits in the KV cache."""
 
 
 class Generator(ABC):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from torchchat.catalog import canonical_name
 from torchchat.generate.base import GenerationArgs, Turn
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat.server.connections import default_allowed_hosts
 from torchchat.server.engine import Engine, QueuedRequest
 from torchchat.server.errors import ApiError, bad_request, install_error_handlers, validation_error

@@ -13,7 +13,7 @@ import uuid
 from typing import AsyncIterator
 
 from torchchat.generate.base import Completion
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat.server.engine import QueuedRequest
 from torchchat.server.errors import ApiError, bad_request
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from torchchat.generate.base import SEED_LIMIT, GenerationArgs, check_stop_strings
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat.server.errors import bad_request
 
 MAX_N = 8  # sequences per request (n): each one is a row of the KV cache

@@ -19,7 +19,7 @@ import time
 import uvicorn
 
 from torchchat.generate.base import Generator
-from torchchat.model import ConfigError
+from torchchat.errors import ConfigError
 from torchchat.server.app import ServerConfig, create_app
 from torchchat.server.connections import (KEEP_ALIVE_S, HostCheck, guarded_protocol, quiet_accept_errors,
                                           raise_open_file_limit)

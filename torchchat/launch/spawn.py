@@ -18,27 +18,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torchchat.distributed.process_group import WorkerEnv, threads_per_process
+from torchchat.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_FAILED, EXIT_USER_ERROR
 
 POLL_S = 0.05
 FAILURE_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 INTERRUPT_GRACE_S = 20.0  # after Ctrl-C, for ranks to finish on their own (a server drains its requests)
 
-# A rank runs the CLI again, from the same package as this launcher, whatever started it
-# (torchchat.py, the `torchchat` console script, python -m).
+# A rank runs the same command line again, from the same package as this launcher, whatever started it
+# (torchchat.py, the `torchchat` console script, python -m). A string, not an import: the launcher
+# sits below the CLI.
 _ENTRY = "import sys; from torchchat.cli import main; sys.exit(main(sys.argv[1:]))"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 LAUNCHER_PID_ENV = "TORCHCHAT_LAUNCHER_PID"
 
 
-def launch_workers(args, argv: list[str]) -> int:
-    """Check the job, start its ranks, wait for them; the exit code is 0 only if every rank succeeded."""
-    from torchchat.distributed.launch import check_job
-
-    world = args.tp * args.pp
-    check_job(args, WorkerEnv(rank=0, local_rank=0, world_size=world, local_world_size=world,
-                              master_addr="127.0.0.1", master_port=0))
+def launch_workers(argv: list[str], world: int, check: Callable[[WorkerEnv], object]) -> int:
+    """Check the job (``check``: what every rank checks, as rank 0 of this machine), start its ranks, wait for
+    them; the exit code is 0 only if every rank succeeded."""
+    check(WorkerEnv(rank=0, local_rank=0, world_size=world, local_world_size=world, master_addr="127.0.0.1",
+                    master_port=0))
     workers = Workers.start(argv, world, free_port())
     return workers.wait()
 
@@ -81,8 +82,8 @@ class Exit:
 
     @property
     def echo(self) -> bool:
-        """A rank that only failed because another one did (see launch.EXIT_PEER_FAILED)."""
-        return self.code == 3
+        """A rank that only failed because another one did (it exited EXIT_PEER_FAILED)."""
+        return self.code == EXIT_PEER_FAILED
 
     def describe(self) -> str:
         if self.echo:  # no rank failed on its own: one hung, or its failure went unseen
@@ -120,10 +121,10 @@ class Workers:
             if failure is not None:
                 self.stop(signal.SIGTERM)
                 return self._report(failure)
-            return 0
+            return EXIT_OK
         except KeyboardInterrupt:
             self._interrupt()
-            return 130
+            return EXIT_INTERRUPTED
         finally:
             self.stop(signal.SIGKILL, grace=0)  # nothing outlives the launcher
             signal.signal(signal.SIGTERM, previous)
@@ -148,7 +149,7 @@ class Workers:
         return ended
 
     def _report(self, failure: Exit) -> int:
-        if failure.code in (2, 130):  # a user error or Ctrl-C: the rank said so already
+        if failure.code in (EXIT_USER_ERROR, EXIT_INTERRUPTED):  # a user error or Ctrl-C: the rank said so already
             return failure.code
         others = len(self.procs) - 1
         print(f"error: {failure.describe()}; stopped the other {others} rank{'s' if others != 1 else ''}",

@@ -1,4 +1,7 @@
-"""Running `generate`, `chat` and `server` over several processes: ``run_distributed(args)``.
+"""Running a command over several processes: ``run_distributed(args, argv, command)``.
+
+``command`` is the CLI's table entry (``torchchat.cli.Command``): this module imports nothing of the
+CLI, it calls ``command.run_on_rank(args, prep, build, io_rank)`` on every rank.
 
 Two ways in:
 
@@ -21,32 +24,24 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import traceback
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
-from torchchat.cli import (DEFAULT_CHAT_SEQ_LEN, Prepared, cmd_chat, cmd_generate, read_prompt, resolve_device)
+from torchchat.builder import Prepared, build_distributed_generator, resolve_device
 from torchchat.distributed.parallel_dims import ParallelDims
-from torchchat.distributed.process_group import (WorkerEnv, all_gather_objects, collective_timeout, process_group,
-                                                 rank_prefixed_stderr, set_threads, worker_device)
-from torchchat.distributed.spawn import die_with_launcher, launch_workers
-from torchchat.model import ConfigError
-
-EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_PEER_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-# What gloo and NCCL say when the other side of a collective went away or never answered.
-_PEER_FAILURE_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",
-                       "connection refused", "socket closed", "nccl communicator was aborted", "read error")
+from torchchat.distributed.process_group import (WorkerEnv, all_gather_objects, collective_timeout, is_peer_failure,
+                                                 process_group, rank_prefixed_stderr, set_threads, worker_device)
+from torchchat.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_USER_ERROR, ConfigError
+from torchchat.launch.spawn import die_with_launcher, launch_workers
 
 
-def run_distributed(args, argv: list[str] | None = None) -> int:
-    """The entry point for `generate`, `chat` and `server` with --tp x --pp > 1 or under torchrun."""
+def run_distributed(args, argv: list[str], command) -> int:
+    """A command with --tp x --pp > 1 or under torchrun: ``command`` has ``run_on_rank`` and ``followers``."""
     env = WorkerEnv.from_environ()
     if env is None:
-        return launch_workers(args, sys.argv[1:] if argv is None else argv)
-    return run_worker(args, env)
+        world = args.tp * args.pp
+        return launch_workers(argv, world, check=lambda rank0: check_job(args, rank0))
+    return run_worker(args, env, command)
 
 
 @dataclass
@@ -85,7 +80,7 @@ def _interrupt(signum, frame):
     raise Interrupted()
 
 
-def run_worker(args, env: WorkerEnv) -> int:
+def run_worker(args, env: WorkerEnv, command) -> int:
     """One rank: check, join the process group, run the command, leave the group on every way out."""
     die_with_launcher()
     with rank_prefixed_stderr(env) as log:
@@ -99,22 +94,22 @@ def run_worker(args, env: WorkerEnv) -> int:
         print(f"pid={os.getpid()} local rank {env.local_rank} of {env.local_world_size}, world {env.world_size}, "
               f"{job.device}, master {env.master_addr}:{env.master_port}", file=log, flush=True)
         set_threads(env)
-        serving = getattr(args, "handler_distributed", None) is not None and args.command not in ("generate", "chat")
         # A server's followers leave when rank 0 tells them (share_input(None)); only rank 0 acts on Ctrl-C
         # and on SIGTERM (torchrun forwards both to every rank): it drains in-flight requests, then says so.
-        follower = serving and env.rank != 0
+        follower = command.followers and env.rank != 0
         signal.signal(signal.SIGINT, signal.SIG_IGN if follower else _interrupt)
         if follower:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return _run_in_group(args, env, job, log)
+        return _run_in_group(args, env, job, log, command)
 
 
-def _run_in_group(args, env: WorkerEnv, job: Job, log) -> int:
+def _run_in_group(args, env: WorkerEnv, job: Job, log, command) -> int:
     startup = Startup(job, env)
     try:
         with process_group(env, job.device):
             try:
-                return _run_command(args, job, startup)
+                # The same command functions as one process, with the distributed generator and rank 0 reading.
+                return command.run_on_rank(args, job.prep, startup.build, env.rank == 0)
             except Exception as e:
                 startup.fail(e)  # before the agreement: the others learn of it there, and fail alike
                 raise
@@ -137,21 +132,6 @@ def _run_in_group(args, env: WorkerEnv, job: Job, log) -> int:
             return EXIT_PEER_FAILED
         traceback.print_exc(file=log)
         return EXIT_ERROR
-
-
-def _run_command(args, job: Job, startup: "Startup") -> int:
-    """The same command functions as one process, with the distributed generator and rank 0 reading."""
-    io_rank = startup.env.rank == 0
-    if args.command == "generate":
-        return cmd_generate(args, prep=job.prep, build=startup.build,
-                            read=read_prompt if io_rank else lambda _args: None)
-    if args.command == "chat":
-        return cmd_chat(args, prep=job.prep, build=startup.build)
-    handler = getattr(args, "handler_distributed", None)  # e.g. the server: handler(generator, args) on every rank
-    if handler is None:
-        raise ConfigError(f"`{args.command}` does not run on several processes; drop --tp/--pp")
-    generator = startup.build(args, job.prep, job.prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN))
-    return handler(generator, args)
 
 
 class Agreed(ConfigError):
@@ -198,26 +178,15 @@ class Startup:
                 raise
 
     def build(self, args, prep: Prepared, max_seq_len: int | None, max_batch: int = 1):
-        """The factory ``cmd_generate`` / ``cmd_chat`` call: ``max_seq_len`` is None where the prompt is unknown."""
-        from torchchat.generate.distributed import DistributedGenerator
-
+        """The factory the command functions call: ``max_seq_len`` is None where the prompt is unknown."""
         max_seq_len = self.agree(value=max_seq_len)
-        self.generator = DistributedGenerator.from_source(
-            prep.source, prep.tokenizer, prep.chat_format, self.job.dims, max_seq_len=max_seq_len,
-            max_batch=max_batch, dtype=args.dtype, device=self.job.device)
+        self.generator = build_distributed_generator(args, prep, self.job.dims, self.job.device, max_seq_len,
+                                                     max_batch=max_batch)
         return self.generator
 
     def close(self):
         if self.generator is not None:
             self.generator.close()
-
-
-def is_peer_failure(error: BaseException) -> bool:
-    """Did a collective fail because another rank died, left or hung (not because of this rank)?"""
-    if isinstance(error, getattr(dist, "DistNetworkError", ())):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(sign in text for sign in _PEER_FAILURE_SIGNS)
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,0 +1,142 @@
+"""What each command does, once its flags are parsed: `generate`, `chat`, `list`, `server`.
+
+Each command has a handler for one process, ``cmd_*(args)``, and those that may run over several
+processes also a handler for one rank, ``*_on_rank(args, prep, build, io_rank)``: the launcher
+(``torchchat/launch/``) calls it on every rank with its checked ``prep``, its generator factory
+``build(args, prep, max_seq_len, max_batch=1)`` (``max_seq_len`` None on the ranks that do not
+read the user: they take the reading rank's) and whether this rank talks to the user.
+
+No torch import at module level: the CLI imports this module for `--help`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torchchat.builder import DEFAULT_CHAT_SEQ_LEN, Prepared, build_generator, generation_args
+from torchchat.errors import ConfigError
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ConfigError("no prompt: pass --prompt TEXT or pipe the text on standard input")
+    return sys.stdin.read()
+
+
+def generate_seq_len(args, prep: Prepared, prompt: str, gen_args) -> int:
+    """The KV cache length `generate` needs for ``prompt``; ConfigError if it is empty or does not fit."""
+    prompt_len = len(prep.tokenizer.encode(prompt, bos=prep.tokenizer.add_bos))
+    if prompt_len == 0:
+        raise ConfigError("the prompt is empty; pass --prompt TEXT or text on standard input")
+    max_seq_len = prep.max_seq_len(args, prompt_len + gen_args.max_new_tokens)
+    if prompt_len + gen_args.max_new_tokens > max_seq_len:
+        raise ConfigError(f"prompt ({prompt_len} tokens) plus --max-new-tokens ({gen_args.max_new_tokens}) "
+                          f"exceeds the context ({max_seq_len}); shorten the prompt or lower --max-new-tokens")
+    return max_seq_len
+
+
+def cmd_generate(args, prep: Prepared | None = None, build=build_generator, read=read_prompt) -> int:
+    """`generate`. On a rank, ``read`` returns None where the prompt is not read (see the module docstring)."""
+    gen_args = generation_args(args, args.num_samples)
+    prep = prep or Prepared(args)
+    prompt = read(args)
+    max_seq_len = None if prompt is None else generate_seq_len(args, prep, prompt, gen_args)
+    generator = build(args, prep, max_seq_len, max_batch=gen_args.num_samples)
+    generator.run_generate(prompt, gen_args)
+    return 0
+
+
+def generate_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
+    return cmd_generate(args, prep=prep, build=build, read=read_prompt if io_rank else lambda _args: None)
+
+
+def read_user_line() -> str | None:
+    """One user turn from the terminal (blank lines are skipped); None at EOF, Ctrl-C or /bye."""
+    text = ""
+    while not text.strip():
+        try:
+            text = input("\nYou: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stdout)
+            return None
+    if text.strip() in ("/bye", "/exit", "/quit"):
+        return None
+    print("Assistant: ", end="", flush=True)
+    return text
+
+
+def cmd_chat(args, prep: Prepared | None = None, build=build_generator) -> int:
+    """`chat`; on a rank, with the launcher's checked ``prep`` and its generator factory."""
+    gen_args = generation_args(args)
+    prep = prep or Prepared(args)
+    max_seq_len = prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN)
+    if gen_args.max_new_tokens >= max_seq_len:
+        raise ConfigError(f"--max-new-tokens ({gen_args.max_new_tokens}) must be below the context ({max_seq_len})")
+    generator = build(args, prep, max_seq_len)
+    generator.report(generator.chat_help)
+    generator.run_chat(gen_args, read_user_line, args.system_prompt)
+    return 0
+
+
+def chat_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
+    return cmd_chat(args, prep=prep, build=build)
+
+
+def cmd_list(args) -> int:
+    from torchchat.catalog import list_models
+    from torchchat.model import KNOWN_MODELS
+
+    print(f"{'model':<16} {'layers':>6} {'dim':>6} {'heads':>9} {'context':>8}  available")
+    for name, path in list_models():
+        a = KNOWN_MODELS[name]
+        heads = f"{a.n_heads}/{a.n_kv_heads}"
+        print(f"{name:<16} {a.n_layers:>6} {a.dim:>6} {heads:>9} {a.max_context:>8}  {path or 'not available'}")
+    return 0
+
+
+def server_config(args, model_id: str):
+    from torchchat.server import ServerConfig
+
+    hosts = None if args.allowed_hosts is None else tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+    return ServerConfig(model_id, generation_args(args), host=args.host, port=args.port, max_queue=args.max_queue,
+                        shutdown_timeout=args.shutdown_timeout, max_body_bytes=int(args.max_body_size * 2**20),
+                        max_connections=args.max_connections, allowed_hosts=hosts)
+
+
+def cmd_server(args) -> int:
+    """`server`, one process: check the model files, take the port, load the weights, serve."""
+    server = _import_server()
+    prep = Prepared(args)
+    config = server_config(args, prep.source.name)
+    sock = server.bind(config.host, config.port)  # a busy port fails now, not after loading the weights
+    try:
+        generator = build_generator(args, prep, prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN))
+        server.serve(generator, config, sock=sock)
+    finally:
+        sock.close()
+    return 0
+
+
+def server_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
+    """Every rank: rank 0 serves, the others follow each request.
+
+    A request whose client goes away is generated to its end and discarded: ending it early on the
+    serving rank alone would leave the others waiting in a collective.
+    """
+    server = _import_server()
+    generator = build(args, prep, prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN))
+    if not io_rank:
+        server.follow(generator)
+        return 0
+    server.serve(generator, server_config(args, prep.source.name), cancellable=False, launched=True)
+    return 0
+
+
+def _import_server():
+    try:
+        import torchchat.server as server
+    except ImportError as e:
+        raise ConfigError(f"the server needs FastAPI and uvicorn ({e}): pip install -r requirements.txt") from e
+    return server
