@@ -71,7 +71,7 @@ def build_generator(args, prep: Prepared, max_seq_len: int, max_batch: int = 1):
 
     return LocalGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, max_seq_len=max_seq_len,
                                       max_batch=max_batch, dtype=args.dtype, device=prep.device,
-                                      compile=args.compile, quantize=args.quantize)
+                                      compile=args.compile, quantize=args.quantize, model_args=prep.model_args)
 
 
 def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq_len: int, max_batch: int = 1):
@@ -80,4 +80,4 @@ def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq
 
     return DistributedGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, dims,
                                             max_seq_len=max_seq_len, max_batch=max_batch, dtype=args.dtype,
-                                            device=device)
+                                            device=device, model_args=prep.model_args)

@@ -25,26 +25,30 @@ def read_prompt(args) -> str:
     return sys.stdin.read()
 
 
-def generate_seq_len(args, prep: Prepared, prompt: str, gen_args) -> int:
-    """The KV cache length `generate` needs for ``prompt``; ConfigError if it is empty or does not fit."""
-    prompt_len = len(prep.tokenizer.encode(prompt, bos=prep.tokenizer.add_bos))
-    if prompt_len == 0:
-        raise ConfigError("the prompt is empty; pass --prompt TEXT or text on standard input")
+def generate_seq_len(args, prep: Prepared, prompt_len: int, gen_args) -> int:
+    """The KV cache length `generate` needs for a prompt of ``prompt_len`` tokens; ContextFull if it does not fit
+    (checked here, before any weight is loaded; the generator checks each request the same way)."""
+    from torchchat.generate.base import check_fits
+
     max_seq_len = prep.max_seq_len(args, prompt_len + gen_args.max_new_tokens)
-    if prompt_len + gen_args.max_new_tokens > max_seq_len:
-        raise ConfigError(f"prompt ({prompt_len} tokens) plus --max-new-tokens ({gen_args.max_new_tokens}) "
-                          f"exceeds the context ({max_seq_len}); shorten the prompt or lower --max-new-tokens")
+    check_fits(prompt_len, gen_args.max_new_tokens, max_seq_len)
     return max_seq_len
 
 
 def cmd_generate(args, prep: Prepared | None = None, build=build_generator, read=read_prompt) -> int:
-    """`generate`. On a rank, ``read`` returns None where the prompt is not read (see the module docstring)."""
+    """`generate`. On a rank, ``read`` returns None where the prompt is not read (see the module docstring).
+
+    The prompt is encoded once, here: its length sizes the KV cache, and the generator takes its tokens.
+    """
+    from torchchat.generate.base import encode_prompt
+
     gen_args = generation_args(args, args.num_samples)
     prep = prep or Prepared(args)
     prompt = read(args)
-    max_seq_len = None if prompt is None else generate_seq_len(args, prep, prompt, gen_args)
+    tokens = None if prompt is None else encode_prompt(prep.tokenizer, prompt)
+    max_seq_len = None if tokens is None else generate_seq_len(args, prep, len(tokens), gen_args)
     generator = build(args, prep, max_seq_len, max_batch=gen_args.num_samples)
-    generator.run_generate(prompt, gen_args)
+    generator.run_generate(prompt, gen_args, tokens=tokens)
     return 0
 
 

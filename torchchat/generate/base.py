@@ -81,6 +81,22 @@ def check_stop_strings(stop: tuple[str, ...]):
             raise ConfigError(f"a stop string has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A raw prompt (no chat template) -> its tokens, with BOS where the tokenizer wants one; ConfigError if none."""
+    tokens = tokenizer.encode(text, bos=tokenizer.add_bos)
+    if not tokens:
+        raise ConfigError("the prompt is empty; pass --prompt TEXT or text on standard input")
+    return tokens
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, context: int, start_pos: int = 0):
+    """ContextFull unless a prompt of ``prompt_tokens`` at ``start_pos`` plus ``max_new_tokens`` fit in ``context``."""
+    if start_pos + prompt_tokens + max_new_tokens > context:
+        at = f" at position {start_pos}" if start_pos else ""
+        raise ContextFull(f"prompt ({prompt_tokens} tokens{at}) plus --max-new-tokens ({max_new_tokens}) exceeds the "
+                          f"context ({context}); shorten the prompt or lower --max-new-tokens")
+
+
 @dataclass
 class Completion:
     """One generated sequence."""
@@ -208,11 +224,7 @@ class Generator(ABC):
             stats.decode_s = time.perf_counter() - t1
 
     def _start_request(self, turn: Turn):
-        end = turn.start_pos + len(turn.tokens) + turn.args.max_new_tokens
-        if end > self.max_seq_len:
-            raise ContextFull(f"prompt ({len(turn.tokens)} tokens at position {turn.start_pos}) plus "
-                              f"--max-new-tokens ({turn.args.max_new_tokens}) exceeds the context "
-                              f"({self.max_seq_len}); shorten the prompt or lower --max-new-tokens")
+        check_fits(len(turn.tokens), turn.args.max_new_tokens, self.max_seq_len, turn.start_pos)
         self.args = turn.args
         seed = turn.args.seed if turn.args.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self._rng = torch.Generator(device=self.device).manual_seed(seed)
@@ -260,16 +272,19 @@ class Generator(ABC):
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt (no chat template), with BOS where the tokenizer wants one."""
-        tokens = self.tokenizer.encode(text, bos=self.tokenizer.add_bos)
-        if not tokens:
-            raise ConfigError("the prompt is empty; pass --prompt TEXT or text on standard input")
-        return tokens
+        return encode_prompt(self.tokenizer, text)
 
     # ----- user level: the `generate` and `chat` commands -----
 
-    def run_generate(self, prompt: str | None, args: GenerationArgs) -> list[Completion]:
-        """`generate`: complete a raw prompt (read on the I/O process only), print it, report stats."""
-        turn = Turn(self.encode_prompt(prompt), args) if self.is_io_rank else None
+    def run_generate(self, prompt: str | None, args: GenerationArgs,
+                     tokens: list[int] | None = None) -> list[Completion]:
+        """`generate`: complete a raw prompt (read on the I/O process only), print it, report stats.
+
+        ``tokens``: the prompt already encoded (the CLI encodes it once, to size the KV cache); else encoded here.
+        """
+        if self.is_io_rank and tokens is None:
+            tokens = self.encode_prompt(prompt)
+        turn = Turn(tokens, args) if self.is_io_rank else None
         turn = self.share_input(turn)
         if self.is_io_rank:
             self.write(prompt)

@@ -103,17 +103,18 @@ class DistributedGenerator(Generator):
 
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, dims: ParallelDims, *, max_seq_len: int, max_batch: int = 1,
-                    dtype: str = "fp32", device: str = "cpu", localize_tp: bool = True,
+                    dtype: str = "fp32", device: str = "cpu", localize_tp: bool = True, model_args=None,
                     **kwargs) -> "DistributedGenerator":
         """Build this rank's part of the model and load its weights (the default group must exist).
 
         ``localize_tp=False`` keeps DTensor parameters and hooks (slower; the reference in tests).
+        ``model_args``: the source's ModelArgs when already read (the builder's Prepared has them); else read here.
         """
         from torchchat.checkpoint import read_model_args
 
         t0 = time.perf_counter()
         device = torch.device(device)
-        args = read_model_args(source)
+        args = model_args or read_model_args(source)
         dims.check_model(args, source.name)
         mesh = dims.build_mesh(device.type)
         turn_group = new_turn_group()  # every rank creates its groups in the same order

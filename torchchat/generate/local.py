@@ -51,12 +51,15 @@ class LocalGenerator(Generator):
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, *, max_seq_len: int, max_batch: int = 1,
                     dtype: str = "fp32", device: str = "cpu", compile: bool = False, quantize: str | None = None,
-                    **kwargs) -> "LocalGenerator":
-        """Load the weights of ``source`` and build a generator; reports the load time on stderr."""
+                    model_args=None, **kwargs) -> "LocalGenerator":
+        """Load the weights of ``source`` and build a generator; reports the load time on stderr.
+
+        ``model_args``: the source's ModelArgs when already read (the builder's Prepared has them); else read here.
+        """
         from torchchat.checkpoint import load_model, read_model_args
 
         t0 = time.perf_counter()
-        model = load_model(source, read_model_args(source), dtype=DTYPES[dtype], device=device)
+        model = load_model(source, model_args or read_model_args(source), dtype=DTYPES[dtype], device=device)
         if quantize:
             from torchchat.quantize import quantize_model
             quantize_model(model, quantize)
