@@ -198,3 +198,38 @@ def test_fp16_weights_generate_fp32s_tokens_but_where_fp32_is_a_close_call(tiny_
     if first is not None:
         best, second = reference[first].topk(2).values
         assert (best - second) / scale[first] <= 2 * 2e-2, (first, want, got)
+
+
+def test_the_stats_come_with_the_completions(gen):
+    args = GenerationArgs(max_new_tokens=7, num_samples=2, **GREEDY)
+    prompt = gen.encode_prompt("Once upon a time")
+    completions = gen.complete(Turn(prompt, args))
+    stats = completions.stats
+    assert len(completions) == 2 and stats.batch == 2 and stats.prompt_tokens == len(prompt)
+    assert stats.new_tokens == max(len(c.tokens) for c in completions)
+    assert stats.ttft_s > 0
+
+
+def test_a_served_session_shares_each_turn_and_its_end(gen):
+    """serve_turn shares the turn before completing it; end_session shares None; shared_turns follows until None."""
+    shared = []
+    share_input = gen.share_input
+
+    def recording_share(turn):
+        shared.append(turn)
+        return share_input(turn)
+    gen.share_input = recording_share
+    turn = Turn(gen.encode_prompt("Hi"), GenerationArgs(max_new_tokens=4, **GREEDY))
+    completions = gen.serve_turn(turn)
+    assert shared == [turn] and completions.stats.new_tokens == len(completions[0].tokens)
+    gen.end_session()
+    assert shared == [turn, None]
+    incoming = [turn, turn, None, turn]
+    gen.share_input = lambda _none: incoming.pop(0)
+    assert list(gen.shared_turns()) == [turn, turn] and incoming == [turn]
+
+
+def test_check_tokens_names_the_vocabulary(gen):
+    gen.check_tokens([0, gen.model_args.vocab_size - 1])
+    with pytest.raises(ValueError, match=rf"token id -1 is outside the vocabulary \[0, {gen.model_args.vocab_size}\)"):
+        gen.check_tokens([1, -1])

@@ -156,10 +156,11 @@ def test_the_follower_loop_goes_on_after_a_failed_request():
 
     class Follower:
         def __init__(self):
-            self.turns, self.completed = ["bad", "good", None], []
+            self.turns, self.completed = ["bad", "good"], []
 
-        def share_input(self, _):
-            return self.turns.pop(0)
+        def shared_turns(self):
+            while self.turns:
+                yield self.turns.pop(0)
 
         def complete(self, turn):
             if turn == "bad":

@@ -107,6 +107,14 @@ class Completion:
     stop_token: int | None = None
 
 
+class Completions(list):
+    """What ``complete`` returns: one Completion per sequence (a list), and the request's figures in ``stats``."""
+
+    def __init__(self, completions: list[Completion], stats: GenerationStats):
+        super().__init__(completions)
+        self.stats = stats
+
+
 @dataclass
 class Turn:
     """What one request sends to the model: the tokens to add and how to generate."""
@@ -231,8 +239,8 @@ class Generator(ABC):
 
     # ----- text level -----
 
-    def complete(self, turn: Turn, on_text: Callable[[str], None] | None = None) -> list[Completion]:
-        """Generate from ``turn``; stream sequence 0's text to ``on_text``; return every sequence."""
+    def complete(self, turn: Turn, on_text: Callable[[str], None] | None = None) -> Completions:
+        """Generate from ``turn``; stream sequence 0's text to ``on_text``; return every sequence and the stats."""
         batch = _Batch(turn.args.num_samples)
         streamer = TextStreamer(self.tokenizer, turn.tokens, skip_ids=self.stop_ids)
         stop_text = self._stop_text_check(turn.args.stop)
@@ -249,7 +257,7 @@ class Generator(ABC):
             steps.close()
             if on_text:
                 on_text(streamer.flush())
-        return [self._completion(batch, i, turn.args.stop) for i in range(batch.size)]
+        return Completions([self._completion(batch, i, turn.args.stop) for i in range(batch.size)], self.last_stats)
 
     def _stop_text_check(self, stop: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
         """A test for stop strings in a sequence's recent text (every process runs it on the same tokens)."""
@@ -274,6 +282,34 @@ class Generator(ABC):
         """A raw prompt (no chat template), with BOS where the tokenizer wants one."""
         return encode_prompt(self.tokenizer, text)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A whole conversation (``[{"role": ..., "content": ...}, ...]``) with the chat template, ready for a reply."""
+        return self.chat_format.encode_dialog(messages)
+
+    def check_tokens(self, tokens: list[int]):
+        """ConfigError unless every token id is in the model's vocabulary (a client may send ids)."""
+        vocab = self.model_args.vocab_size
+        if bad := [t for t in tokens if not 0 <= t < vocab]:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    # ----- a session of requests served one at a time (the server): every process takes part -----
+
+    def serve_turn(self, turn: Turn, on_text: Callable[[str], None] | None = None) -> Completions:
+        """On the I/O process: give ``turn`` to every process (see ``shared_turns``) and complete it."""
+        return self.complete(self.share_input(turn), on_text)
+
+    def end_session(self):
+        """On the I/O process: no more turns; the other processes' ``shared_turns`` ends."""
+        self.share_input(None)
+
+    def shared_turns(self) -> Iterator[Turn]:
+        """On the other processes: each turn that the I/O process serves, until it ends the session.
+
+        The caller completes each one (``complete(turn)``), as the I/O process does.
+        """
+        while (turn := self.share_input(None)) is not None:
+            yield turn
+
     # ----- user level: the `generate` and `chat` commands -----
 
     def run_generate(self, prompt: str | None, args: GenerationArgs,
@@ -290,7 +326,7 @@ class Generator(ABC):
             self.write(prompt)
         completions = self.complete(turn, self.write if args.num_samples == 1 else None)
         self._print_samples(completions)
-        self.report(self.last_stats.summary(self.device))
+        self.report(completions.stats.summary(self.device))
         return completions
 
     def _print_samples(self, completions: list[Completion]):
@@ -378,15 +414,17 @@ class ChatSession:
         """Generate and stream one reply; Ctrl-C ends the reply, not the chat."""
         completion = None
         try:
-            completion, = self.gen.complete(turn, self.gen.write)
+            completions = self.gen.complete(turn, self.gen.write)
+            (completion,), stats = completions, completions.stats
         except KeyboardInterrupt:
             self.gen.write("\n[interrupted]")
+            stats = self.gen.last_stats  # the figures of the reply so far
         cut = (completion is not None and completion.finish_reason == "length"
                and turn.args.max_new_tokens < self.args.max_new_tokens)
         if cut:
             self.gen.write("\n[cut: the context is full; the next message starts a new chat]")
         self.gen.write("\n")
-        new_tokens = self.gen.last_stats.new_tokens
+        new_tokens = stats.new_tokens
         if new_tokens == 0:
             return  # interrupted during the prompt: the turn never entered the conversation
         # Every new token but the last was fed back into the KV cache (an interrupted step may be partial):
@@ -397,7 +435,7 @@ class ChatSession:
         self.closing = [last] if ended_by_stop else [last, *self.gen.chat_format.end_of_turn]
         self.fresh = False
         self.replies += 1
-        self.gen.report(self.gen.last_stats.summary(self.gen.device))
+        self.gen.report(stats.summary(self.gen.device))
 
 
 def _with_max_new(args: GenerationArgs, max_new: int) -> GenerationArgs:

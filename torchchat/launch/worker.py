@@ -94,7 +94,7 @@ def run_worker(args, env: WorkerEnv, command) -> int:
         print(f"pid={os.getpid()} local rank {env.local_rank} of {env.local_world_size}, world {env.world_size}, "
               f"{job.device}, master {env.master_addr}:{env.master_port}", file=log, flush=True)
         set_threads(env)
-        # A server's followers leave when rank 0 tells them (share_input(None)); only rank 0 acts on Ctrl-C
+        # A server's followers leave when rank 0 tells them (generator.end_session()); only rank 0 acts on Ctrl-C
         # and on SIGTERM (torchrun forwards both to every rank): it drains in-flight requests, then says so.
         follower = command.followers and env.rank != 0
         signal.signal(signal.SIGINT, signal.SIG_IGN if follower else _interrupt)

@@ -130,7 +130,7 @@ class _Routes:
 
     def _chat_tokens(self, body: ChatCompletionRequest) -> list[int]:
         try:
-            return self.generator.chat_format.encode_dialog([m.as_dict() for m in body.messages])
+            return self.generator.encode_chat([m.as_dict() for m in body.messages])
         except ConfigError as e:
             raise bad_request(str(e), "messages") from e
 
@@ -153,15 +153,13 @@ class _Routes:
                        param="model", code="model_not_found")
 
     def _prompt_tokens(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            try:
+        try:
+            if isinstance(prompt, str):
                 return self.generator.encode_prompt(prompt)
-            except ConfigError as e:
-                raise bad_request(str(e), "prompt") from e
-        vocab = self.generator.model_args.vocab_size
-        if bad := [t for t in prompt if not 0 <= t < vocab]:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
-        return prompt
+            self.generator.check_tokens(prompt)
+            return prompt
+        except ConfigError as e:
+            raise bad_request(str(e), "prompt") from e
 
     async def _answer(self, shape: Shape, body: SamplingRequest, tokens: list[int], request: Request):
         try:

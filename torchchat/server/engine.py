@@ -19,6 +19,7 @@ import time
 from typing import AsyncIterator
 
 from torchchat.generate.base import Completion, Generator, Turn
+from torchchat.generate.stats import GenerationStats
 from torchchat.server.errors import server_busy
 
 log = logging.getLogger("torchchat.server")
@@ -39,6 +40,7 @@ class QueuedRequest:
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._raised = False
+        self.streamed = 0  # text callbacks answered: the tokens of sequence 0 streamed so far
 
     def cancel(self, error: Exception | None = None):
         """Ask the worker to stop (between tokens) or never to start; ``error`` ends the listener's wait now."""
@@ -59,6 +61,8 @@ class QueuedRequest:
         if cancellable and self.cancelled.is_set() and not self._raised:
             self._raised = True  # once: complete() calls this again from its `finally` to flush
             raise Cancelled()
+        if not self._raised:
+            self.streamed += 1
         if text and not self.cancelled.is_set():
             self.post(text)
 
@@ -153,7 +157,7 @@ class Engine:
 
     def _end_session(self):
         try:
-            self.generator.share_input(None)  # distributed followers leave their loop
+            self.generator.end_session()  # distributed followers leave their loop
         except Exception as e:  # noqa: BLE001 - e.g. the followers were stopped first (torchrun forwards SIGTERM)
             log.warning("could not tell the other processes that the server stops: %s", str(e).splitlines()[0])
 
@@ -162,18 +166,16 @@ class Engine:
             return  # its client left, or shutdown answered it, while it waited: the model never sees it
         started = time.perf_counter()
         try:
-            turn = self.generator.share_input(request.turn)
-            completions = self.generator.complete(turn, lambda text: request.on_text(text, self.cancellable))
+            completions = self.generator.serve_turn(request.turn, lambda text: request.on_text(text, self.cancellable))
         except Cancelled:
-            log.info("request cancelled after %d tokens", self.generator.last_stats.new_tokens)
+            log.info("request cancelled after streaming %d tokens", request.streamed)
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request, the worker goes on
             log.exception("generation failed")
             request.post(e)
         else:
             request.post(completions)
-            self._log(request, started)
+            self._log(request, started, completions.stats)
 
-    def _log(self, request: QueuedRequest, started: float):
-        stats = self.generator.last_stats
+    def _log(self, request: QueuedRequest, started: float, stats: GenerationStats):
         log.info("request done after %.2f s in the queue: %s", started - request.queued_at,
                  stats.summary(self.generator.device))

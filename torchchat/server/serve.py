@@ -3,7 +3,7 @@
 Shutdown: uvicorn stops accepting connections and gives in-flight requests ``shutdown_timeout``
 seconds to finish (a second Ctrl-C ends that wait); then the engine cuts what is left (each such
 request ends with a 503 error, the running generation stops between two tokens). The application's
-lifespan then stops the engine, whose worker calls ``share_input(None)`` so that distributed
+lifespan then stops the engine, whose worker calls ``generator.end_session()`` so that distributed
 followers leave their loop; the listening socket closes with the server.
 """
 
@@ -120,7 +120,7 @@ def follow(generator: Generator):
     A request that fails fails here as on the serving rank (the same turn, the same step: requests are
     validated before they are shared), so the follower goes on to the next one as the worker does.
     """
-    while (turn := generator.share_input(None)) is not None:
+    for turn in generator.shared_turns():
         try:
             generator.complete(turn)
         except Exception as e:  # noqa: BLE001 - the serving rank answers the client; both go on
