@@ -107,7 +107,7 @@ class Completion:
     stop_token: int | None = None
 
 
-class Completions(list):
+class Completions(list[Completion]):
     """What ``complete`` returns: one Completion per sequence (a list), and the request's figures in ``stats``."""
 
     def __init__(self, completions: list[Completion], stats: GenerationStats):
