@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from torchchat import cpu_kernels
+from torchchat import cpu
 from torchchat.generate.base import Generator
 from torchchat.model import Transformer
 
@@ -33,17 +33,14 @@ class LocalGenerator(Generator):
         super().__init__(model.args, tokenizer, chat_format, max_seq_len=max_seq_len, device=device, **kwargs)
         self.model = model
         self.max_batch = max_batch
-        model.setup_caches(max_batch, max_seq_len)
-        # Speed, CPU: one-row linears go to torch.ops.torchchat.gemv, one-position attention to
-        # torch.ops.torchchat.decode_attention, and a batch-1 step's blocks to torch.ops.torchchat.decode_layers,
-        # one call a token (see cpu_kernels); without them, a compiled step writes the linears as reductions
-        # (see _GemvAsReduction) and attends over the whole static cache.
+        # Speed, CPU: float16 caches, one-row linears through torch.ops.torchchat.gemv, a batch-1 step's blocks
+        # through torch.ops.torchchat.decode_layers, one call a token (torchchat.cpu); without the ops, a
+        # compiled step writes the linears as reductions (see _GemvAsReduction).
         on_cpu = self.device.type == "cpu"
         if on_cpu:
-            cpu_kernels.use_gemv(model)
-            cpu_kernels.use_decode_attention(model)
-            cpu_kernels.use_fused_decode(model)
-        step = self._forward_one_reduced if on_cpu and not cpu_kernels.available() else self._forward_one
+            cpu.install(model)
+        model.setup_caches(max_batch, max_seq_len)
+        step = self._forward_one_reduced if on_cpu and not cpu.kernels.available() else self._forward_one
         self.compiled = compile
         self._decode_step = torch.compile(step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) \
             if compile else self._forward_one
@@ -134,7 +131,7 @@ class _Float32Linears(TorchFunctionMode):
     Without native bf16 instructions (AVX2) oneDNN's bf16 GEMM is ~8x slower than MKL's float32 one
     (512 x 576 x 1536: 93 ms vs 12 ms); converting the weight costs one pass over it. The sum is
     accumulated in float32 either way. The weight is converted a slice of rows at a time
-    (``cpu_kernels.float32_linear``).
+    (``cpu.float32_linear``).
     """
 
     MIN_ROWS = 16  # below this (decode steps) the weight read dominates: keep bf16
@@ -150,7 +147,7 @@ class _Float32Linears(TorchFunctionMode):
         return x.dtype in reduced and weight.dtype in reduced and x.numel() // x.size(-1) >= self.MIN_ROWS
 
     def _linear(self, x, weight, bias=None):
-        return cpu_kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float(), bias)
+        return cpu.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float(), bias)
 
 
 class _GemvAsReduction(TorchFunctionMode):
