@@ -240,7 +240,7 @@ class Transformer(nn.Module):
         self.kv_cache_dtype: torch.dtype | None = None  # the caches' dtype; None: the parameters'
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype=None, device=None):
-        """Allocate the static KV caches and the rope table; idempotent for the same sizes."""
+        """Allocate the static KV caches and the rope table; idempotent for the same sizes (and dtype, if given)."""
         if max_seq_len > self.args.max_context:
             raise ConfigError(f"max sequence length ({max_seq_len}) exceeds the model's context "
                               f"({self.args.max_context}); lower --max-seq-length")

@@ -36,10 +36,13 @@ def install(model, *, linears: bool = True, fuse_layers: bool = True) -> dict[st
     ``linears=False`` leaves the linears alone (a tensor-parallel rank whose layers are DTensor modules);
     ``fuse_layers=False`` keeps a batch-1 step's blocks as modules (a TP rank all-reduces inside a block).
     Caches allocated from then on are float16 unless asked otherwise (``setup_caches(dtype=...)``); caches
-    allocated before keep theirs. Call it again after replacing any of the
-    model's modules or parameters. Returns what was routed to the ops: {"gemv": n linears, "attention":
-    n layers, "fused": n layers}, zeros where the kernels are unavailable.
+    allocated before keep theirs. Call it again after replacing any of the model's modules or parameters.
+    Returns what was routed to the ops: {"gemv": n linears, "attention": n layers, "fused": n layers},
+    zeros where the kernels are unavailable.
     """
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"torchchat.cpu.install takes a model on the CPU; this one is on {device}")
     as_cpu(model)
     model.kv_cache_dtype = CACHE_DTYPE
     return {"gemv": use_gemv(model) if linears else 0, "attention": use_decode_attention(model),
