@@ -6,6 +6,10 @@ distribution; two courtesies let parallelism be applied from outside (``torchcha
 - heads are reshaped with ``-1`` so that sharded (local) head counts are inferred;
 - layers live in a ``ModuleDict`` keyed by layer index, so parameter names survive a pipeline
   split, and ``forward`` passes through a missing embedding, norm or output layer.
+
+Nor does it know the CPU fast path, applied from outside as well: it switches the modules to subclasses
+that override three narrow methods, ``Attention.attend``, ``Transformer.forward_layers`` and
+``Transformer.attention_mask``, and sets ``kv_cache_dtype``.
 """
 
 from __future__ import annotations
