@@ -12,7 +12,8 @@ Applied from outside to a plain ``model.Transformer`` on CPU, as torchtitan's pa
 - a batch-1 decode step's blocks in one ``torch.ops.torchchat.decode_layers`` call (``decode.CPUTransformer``).
 
 The kernels (``kernels``, sources in ``torchchat/csrc/``) are built at first use; where they are not
-available only the first two apply, with torch's kernels.
+available only the first two apply, with torch's kernels. ``modes`` holds the torch function modes a
+generator enters around a prompt (``Float32Linears``) or a compiled step without the ops (``GemvAsReduction``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 from torchchat.cpu.decode import (BLOCK_LINEARS, CPUAttention, CPUTransformer, FusedDecode, GemvLinear, as_cpu,
                                   decode_layers, use_decode_attention, use_fused_decode, use_gemv)
 from torchchat.cpu.kernels import CACHE_DTYPES, available, float32_linear, supports
+from torchchat.cpu.modes import Float32Linears, GemvAsReduction, native_bf16
 
 __all__ = ["install", "available", "supports", "float32_linear", "GemvLinear", "CPUAttention", "CPUTransformer",
            "FusedDecode", "BLOCK_LINEARS", "CACHE_DTYPES", "decode_layers", "use_gemv", "use_decode_attention",
-           "use_fused_decode", "as_cpu"]
+           "use_fused_decode", "as_cpu", "Float32Linears", "GemvAsReduction", "native_bf16"]
 
 CACHE_DTYPE = torch.float16
 

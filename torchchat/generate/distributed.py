@@ -54,7 +54,7 @@ from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.pipeline import Pipeline, StageModule, trim_to_stage
 from torchchat.distributed.tensor_parallel import localize, parallelize
 from torchchat.generate.base import Generator, Turn
-from torchchat.generate.local import DTYPES, _Float32Linears, _native_bf16  # LocalGenerator's prefill GEMMs
+from torchchat.generate.local import DTYPES
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
 
@@ -133,9 +133,9 @@ class DistributedGenerator(Generator):
         # rank's layers all-reduce inside the block).
         if on_cpu:
             cpu.install(model, linears=plain, fuse_layers=dims.tp == 1)
+        float32_prefill = on_cpu and plain and DTYPES[dtype] != torch.float32 and not cpu.native_bf16()
         gen = cls(runner, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
-                  device=device, turn_group=turn_group,
-                  float32_prefill=on_cpu and plain and DTYPES[dtype] != torch.float32 and not _native_bf16(), **kwargs)
+                  device=device, turn_group=turn_group, float32_prefill=float32_prefill, **kwargs)
         gen.log(f"stage {stage_index + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
                 f"tp {mesh.get_local_rank('tp') + 1}/{dims.tp}: loaded {source.name} ({dtype}, {device}) in "
                 f"{time.perf_counter() - t0:.2f} s, peak memory {peak_memory_mb(device):.0f} MB")
@@ -148,7 +148,7 @@ class DistributedGenerator(Generator):
 
     def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         self._check_batch(tokens.size(0))
-        linears = _Float32Linears() if self.float32_prefill else contextlib.nullcontext()
+        linears = cpu.Float32Linears() if self.float32_prefill else contextlib.nullcontext()
         with torch.no_grad(), linears:  # never inference_mode: DTensor (the reference path) fails under it
             logits = self.runner.forward(tokens, start_pos)  # (B, vocab) on the last stage, else None
         return self._decide(logits, tokens.size(0))
