@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.generators import local_generator, tiny_source
-from torchchat import cpu_kernels
+from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.quantize import Int4Linear, Int8Linear
 
@@ -145,7 +145,7 @@ def test_dequantize_int4_matches_unpacking_with_torch_ops(out_features, in_featu
     torch.manual_seed(in_features)
     layer = Int4Linear.from_linear(torch.nn.Linear(in_features, out_features, bias=False), group_size)
     with_op = layer.dequantize(5, 30)
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels.kernels, "available", lambda: False)
     with_torch = layer.dequantize(5, 30)
     assert with_op.shape == (25, in_features) and with_op.dtype == torch.float32
     torch.testing.assert_close(with_op, with_torch, rtol=1e-6, atol=1e-7)
@@ -182,7 +182,7 @@ def plain_generator(source, monkeypatch):
     loaded: ``available()`` is False, as the switch makes it): torch's modules only. The generator's
     ``complete`` runs with every op replaced by one that fails, so nothing can reach the kernels."""
     with monkeypatch.context() as m:
-        m.setattr(cpu_kernels, "available", lambda: False)
+        m.setattr(cpu_kernels.kernels, "available", lambda: False)
         gen = local_generator(source)
     assert gen.model.decode_layers is None
     assert not any(isinstance(module, cpu_kernels.GemvLinear) for module in gen.model.modules())
@@ -195,7 +195,7 @@ def plain_generator(source, monkeypatch):
 
     def complete(*args, **kwargs):
         with monkeypatch.context() as m:
-            m.setattr(cpu_kernels, "available", lambda: False)
+            m.setattr(cpu_kernels.kernels, "available", lambda: False)
             for op in OPS:
                 m.setattr(torch.ops.torchchat, op, refuse)
             return real_complete(*args, **kwargs)
@@ -298,18 +298,30 @@ def test_decode_uses_the_attention_kernel_and_gives_the_same_greedy_tokens(tiny_
     assert with_kernel == without and len(with_kernel) == GREEDY.max_new_tokens
 
 
-def test_attention_kernel_needs_float32_caches(tiny_model):
+def test_attention_kernel_needs_float16_or_float32_caches(tiny_model, monkeypatch):
+    """cpu.install routes one-position attention to the op; a step over a cache it cannot read (bf16) keeps
+    torch's attention."""
     from torchchat.model import Transformer
 
     model = Transformer(tiny_model.args)
-    model.setup_caches(1, 32, dtype=torch.bfloat16)
-    assert cpu_kernels.use_decode_attention(model) == 0
-    model.setup_caches(1, 64)
-    assert cpu_kernels.use_decode_attention(model) == tiny_model.args.n_layers
+    assert cpu_kernels.install(model)["attention"] == tiny_model.args.n_layers
+    model.setup_caches(1, 32)
+    assert model.layers["0"].attention.kv_cache.k.dtype == torch.float16  # install's choice
+    model.decode_layers = None  # the fused blocks would not call the attention op
+    calls = []
+    real = torch.ops.torchchat.decode_attention
+    for layer in model.layers.values():
+        layer.attention.decode_attention = lambda *a: calls.append(1) or real(*a)
+    with torch.no_grad():
+        model(torch.tensor([[1]]), torch.tensor([0]))
+        assert len(calls) == tiny_model.args.n_layers
+        model.setup_caches(1, 32, dtype=torch.bfloat16)
+        model(torch.tensor([[1]]), torch.tensor([0]))
+    assert len(calls) == tiny_model.args.n_layers
 
 
 def _available_in_subprocess(tmp_path, **env) -> subprocess.CompletedProcess:
-    code = "from torchchat import cpu_kernels; print(cpu_kernels.available())"
+    code = "from torchchat import cpu as cpu_kernels; print(cpu_kernels.available())"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TORCHCHAT_CACHE": str(tmp_path), **env})
 

@@ -3,13 +3,15 @@ position of one sequence in one call, against the blocks' own modules (outputs a
 weight format it takes; cpu_kernels.use_fused_decode's choice of models; LocalGenerator's greedy tokens with and
 without it, eager and compiled."""
 
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.generators import local_generator, tiny_source
-from torchchat import cpu_kernels
+from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.model import ModelArgs, Transformer
 from torchchat.quantize import quantize_model
@@ -135,8 +137,8 @@ def test_eager_steps_gather_the_arguments_once_and_again_for_new_caches(monkeypa
     model = random_model(SMOLLM2_LIKE, "fp32")
     cpu_kernels.use_fused_decode(model)
     gathered = []
-    real = cpu_kernels._decode_layers_arguments
-    monkeypatch.setattr(cpu_kernels, "_decode_layers_arguments", lambda m: gathered.append(1) or real(m))
+    real = cpu_kernels.decode._decode_layers_arguments
+    monkeypatch.setattr(cpu_kernels.decode, "_decode_layers_arguments", lambda m: gathered.append(1) or real(m))
     with torch.no_grad():
         for pos in range(3):
             model(torch.tensor([[5]]), torch.tensor([pos]))
@@ -158,7 +160,10 @@ def test_models_it_cannot_take_are_left_alone():
     assert cpu_kernels.use_fused_decode(no_caches) == 0
     bf16_caches = random_model(SMOLLM2_LIKE, "fp32")
     bf16_caches.setup_caches(1, 32, dtype=torch.bfloat16)
-    assert cpu_kernels.use_fused_decode(bf16_caches) == 0
+    assert cpu_kernels.use_fused_decode(bf16_caches) == SMOLLM2_LIKE.n_layers  # caches are checked at a step:
+    assert bf16_caches.decode_layers(bf16_caches, torch.randn(1, 1, 576), bf16_caches.rope[:1],
+                                     torch.tensor([0])) is None  # bf16 ones keep the modules
+    bf16_caches.decode_layers = None
     one_odd_layer = random_model(SMOLLM2_LIKE, "fp32")
     one_odd_layer.layers["1"].attention.wo = torch.nn.Linear(576, 576, bias=True)  # a bias: not a gemv layer
     assert cpu_kernels.use_fused_decode(one_odd_layer) == 0
@@ -206,3 +211,15 @@ def test_generator_tokens_with_and_without_the_fused_blocks(tiny_model, compile)
         want = plain.complete(Turn(plain.encode_prompt(prompt), GREEDY))[0].tokens
         got = fused.complete(Turn(fused.encode_prompt(prompt), GREEDY))[0].tokens
         assert got == want and len(got) == GREEDY.max_new_tokens
+
+
+def test_the_block_ops_linear_order_is_the_one_python_declares():
+    """The op reads a block's linears by index (decode_layers.cpp's LinearIndex); torchchat.cpu.BLOCK_LINEARS is
+    the one order the Python side writes, and builds the op's arguments from. The two must agree."""
+    source = (Path(cpu_kernels.kernels.CSRC) / "decode_layers.cpp").read_text()
+    enum = re.search(r"enum LinearIndex \{([^}]*)\}", source).group(1)
+    names = re.findall(r'"(\w+)"', re.search(r"kLinearNames = \{([^}]*)\}", source).group(1))
+    by_index = [name.strip()[1:].lower() for name in enum.split(",")]  # kWq -> wq
+    assert by_index == names == [path.rpartition(".")[2] for path in cpu_kernels.BLOCK_LINEARS]
+    block = Transformer(SMOLLM2_LIKE).layers["0"]
+    assert cpu_kernels.decode._block_linears(block) == tuple(block.get_submodule(p) for p in cpu_kernels.BLOCK_LINEARS)

@@ -15,7 +15,7 @@ import torch
 
 from tests.dist_utils import assert_every_rank, run_ranks
 from tests.generators import load_parts, local_generator, scripted_user, tiny_source
-from torchchat import cpu_kernels
+from torchchat import cpu as cpu_kernels
 from torchchat.catalog import ModelSource
 from torchchat.checkpoint import load_model, read_model_args
 from torchchat.distributed.parallel_dims import ParallelDims

@@ -5,6 +5,8 @@
 - no room imports a floor above it: the library (model, checkpoints, tokenizer, chat formats, generate/,
   distributed/) never imports the application (builder, commands, launch/, server/, cli), the launcher
   never imports the CLI, and so on (see STYLE.md's floor plan);
+- the model is a plain model: torchchat/model.py imports and names nothing of the CPU fast path (torchchat/cpu
+  applies it from outside) nor of distribution;
 - `--help`, `generate --help` and a bad flag do not import torch.
 """
 
@@ -25,7 +27,7 @@ DISTRIBUTED_ALLOWED = ("torchchat.distributed", "torchchat.generate.distributed"
 
 APPLICATION = ("torchchat.builder", "torchchat.commands", "torchchat.launch", "torchchat.server", "torchchat.cli")
 LIBRARY = ("torchchat.errors", "torchchat.model", "torchchat.catalog", "torchchat.checkpoint", "torchchat.checkpoints",
-           "torchchat.tokenizer", "torchchat.chat_format", "torchchat.cpu_kernels", "torchchat.quantize",
+           "torchchat.tokenizer", "torchchat.chat_format", "torchchat.cpu", "torchchat.quantize",
            "torchchat.generate", "torchchat.distributed")
 # module prefix -> the prefixes it must not import: each floor of the application knows only those below it.
 FORBIDDEN = {
@@ -130,6 +132,20 @@ def test_no_floor_imports_one_above_it():
                  for prefix, forbidden in FORBIDDEN.items() if is_under(m, prefix)
                  for i in imports if any(is_under(i, f) for f in forbidden)]
     assert not offenders, "imports from a floor above: " + ", ".join(f"{m} -> {i}" for m, i in offenders)
+
+
+# What torchchat/model.py must not name, even in a comment: the CPU kernels, their slots, device branches and
+# DTensor duck typing (torchchat.cpu.install and torchchat/distributed apply those from outside).
+NOT_IN_THE_MODEL = ("cpu_kernels", "torchchat.cpu", "torch.ops", "decode_layers", "decode_attention", "device.type",
+                    "to_local", "DTensor", "torch.distributed")
+
+
+def test_the_model_knows_nothing_of_the_cpu_kernels():
+    assert import_graph()["torchchat.model"] <= {"torch", "torch.nn", "torch.nn.functional", "math", "dataclasses",
+                                                 "__future__", "torchchat.errors"}
+    text = (PACKAGE / "model.py").read_text()
+    named = [word for word in NOT_IN_THE_MODEL if word in text]
+    assert not named, f"torchchat/model.py names {named}"
 
 
 def test_errors_import_nothing():

@@ -1,4 +1,4 @@
-"""The KV cache's dtype on CPU: float16 by default (Transformer.setup_caches), read by the modules' attention
+"""The KV cache's dtype on CPU: float16 by default (torchchat.cpu.install), read by the modules' attention
 (prefill, batches, no kernels) and by the CPU decode kernels; greedy tokens of the real SmolLM2 against a float32
 cache."""
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.generators import load_parts
+from torchchat import cpu
 from torchchat.catalog import ModelSource
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator
@@ -26,10 +27,15 @@ def random_model(dtype=torch.float32) -> Transformer:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_caches_are_float16_unless_asked(dtype):
+    plain = random_model(dtype)
+    plain.setup_caches(1, 16)
+    assert plain.layers["0"].attention.kv_cache.k.dtype == dtype  # the plain model: its parameters' dtype
     model = random_model(dtype)
+    cpu.install(model)
     model.setup_caches(1, 16)
     assert {layer.attention.kv_cache.k.dtype for layer in model.layers.values()} == {torch.float16}
     other = random_model(dtype)
+    cpu.install(other)
     other.setup_caches(1, 16, dtype=torch.float32)
     assert other.layers["0"].attention.kv_cache.v.dtype == torch.float32
 
@@ -54,7 +60,7 @@ def test_modules_attend_over_a_float16_cache(dtype):
     keys and values fit float16)."""
     models = {}
     for name, cache_dtype in (("float16", torch.float16), ("rounded", torch.float32), ("float32", torch.float32)):
-        models[name] = random_model(dtype)
+        models[name] = cpu.as_cpu(random_model(dtype))  # the CPU attention (float32), no kernels
         models[name].setup_caches(2, 32, dtype=cache_dtype)
     for layer in models["rounded"].layers.values():
         layer.attention.kv_cache.update = stores_float16_values(layer.attention.kv_cache)

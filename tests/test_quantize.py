@@ -11,7 +11,7 @@ from torchchat.catalog import ModelSource
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import LocalGenerator
 from torchchat.errors import ConfigError
-from torchchat import cpu_kernels
+from torchchat import cpu as cpu_kernels
 from torchchat.quantize import Int4Linear, Int4PackedLinear, Int8Linear, int4_group_size, quantize_model
 
 GREEDY = GenerationArgs(max_new_tokens=32, temperature=0, top_k=None, seed=0)

@@ -6,6 +6,10 @@ distribution; two courtesies let parallelism be applied from outside (``torchcha
 - heads are reshaped with ``-1`` so that sharded (local) head counts are inferred;
 - layers live in a ``ModuleDict`` keyed by layer index, so parameter names survive a pipeline
   split, and ``forward`` passes through a missing embedding, norm or output layer.
+
+Nor does it know the CPU fast path, applied from outside as well: it switches the modules to subclasses
+that override three narrow methods, ``Attention.attend``, ``Transformer.forward_layers`` and
+``Transformer.attention_mask``, and sets ``kv_cache_dtype``.
 """
 
 from __future__ import annotations
@@ -169,14 +173,12 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
+        self.n_kv_heads = args.n_kv_heads  # a tensor-parallel plan sets this rank's share
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
-        # Optional kernel for a one-position step, (q, k_cache, v_cache, input_pos) -> (B, n_heads, 1,
-        # head_dim), over the filled cache positions only (cpu_kernels.use_decode_attention sets it).
-        self.decode_attention = None
 
     def forward(self, x, rope, mask, input_pos):
         bsz, seqlen, _ = x.shape
@@ -186,29 +188,16 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
-        if seqlen == 1 and self.decode_attention is not None:
-            out = self.decode_attention(q, k, v, input_pos)  # (B, n_heads, 1, head_dim)
-        else:
-            # Speed: only the cache positions the mask covers (see Transformer.forward; all when compiled).
-            k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
-            out = _attention(q, k, v, mask)  # (B, n_heads, T, head_dim)
+        out = self.attend(q, k, v, mask, input_pos)  # (B, n_heads, T, head_dim)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, n_heads * head_dim)
         return self.wo(out)
 
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention with grouped KV heads. q: (B, n_heads, T, hd), k/v: (B, n_kv_heads, S, hd).
-
-    Speed: on CPU, attention runs in float32 whatever the dtypes of q and the cache (float16 on CPU, see
-    Transformer.setup_caches). PyTorch's CPU flash-attention kernel is about 4x slower in bf16 than
-    converting to float32 and back, on CPUs without native bf16 (SmolLM2 decode step, 544 cached positions:
-    756 -> 180 us a layer); the result is as precise or more.
-    """
-    gqa = q.size(1) != k.size(1)
-    if q.device.type == "cpu" and (q.dtype != torch.float32 or k.dtype != torch.float32):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa)
-        return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    def attend(self, q, k, v, mask, input_pos) -> torch.Tensor:
+        """Scaled dot-product attention with grouped KV heads over the cache positions the mask covers.
+        q: (B, n_heads, T, hd), k/v: the whole cache (B, n_kv_heads, S, hd) -> (B, n_heads, T, hd)."""
+        k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
+        return F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask,
+                                              enable_gqa=q.size(1) != k.size(1))
 
 
 class FeedForward(nn.Module):
@@ -252,28 +241,24 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.max_seq_len = 0
         self.max_batch = 0
-        # Optional kernel for a step of one position of one sequence through every layer, (model, h, rope,
-        # input_pos) -> h (1, 1, dim), in one call (cpu_kernels.use_fused_decode sets it).
-        self.decode_layers = None
+        self.kv_cache_dtype: torch.dtype | None = None  # the caches' dtype; None: the parameters'
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype=None, device=None):
-        """Allocate the static KV caches and the rope table; idempotent for the same sizes."""
+        """Allocate the static KV caches and the rope table; idempotent for the same sizes (and dtype, if given)."""
         if max_seq_len > self.args.max_context:
             raise ConfigError(f"max sequence length ({max_seq_len}) exceeds the model's context "
                               f"({self.args.max_context}); lower --max-seq-length")
-        if (max_batch, max_seq_len) == (self.max_batch, self.max_seq_len):
+        first = next(iter(self.layers.values()), None)
+        cache = first.attention.kv_cache if first is not None else None
+        if (max_batch, max_seq_len) == (self.max_batch, self.max_seq_len) and \
+                (dtype is None or cache is None or cache.k.dtype == dtype):
             return
         ref = next(p for p in self.parameters())
         device = device or ref.device
-        # Speed: on CPU the cache is float16 whatever the model's dtype (as llama.cpp's default). A decode step
-        # reads all of its filled part (SmolLM2 at 550 positions: 25 MB in float32, a fifth of an int4 token's
-        # bytes); the CPU decode kernels read float16 directly and attend in float32 (cpu_kernels), as
-        # _attention does. A bf16 model's keys and values fit float16 exactly, short of its range.
-        dtype = dtype or (torch.float16 if torch.device(device).type == "cpu" else ref.dtype)
+        dtype = dtype or self.kv_cache_dtype or ref.dtype
         for layer in self.layers.values():
             attn = layer.attention
-            n_local_kv = _out_features(attn.wk) // attn.head_dim
-            attn.kv_cache = KVCache(max_batch, n_local_kv, max_seq_len, attn.head_dim, dtype, device)
+            attn.kv_cache = KVCache(max_batch, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
         self.register_buffer("rope", rope_cache(self.args, max_seq_len).to(device), persistent=False)
         causal = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)
@@ -283,33 +268,20 @@ class Transformer(nn.Module):
         """x: tokens (B, T) or hidden states (B, T, dim); input_pos: positions (T,)."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, T, dim)
         rope = self.rope[input_pos]  # (T, head_dim // 2, 2)
-        if self.decode_layers is not None and h.size(0) == 1 and h.size(1) == 1:
-            h = self.decode_layers(self, h, rope, input_pos)  # (1, 1, dim)
-        else:
-            mask = self.causal_mask[input_pos, :self._attended_len(input_pos)]  # (T, kv_len)
-            mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len)
-            for layer in self.layers.values():
-                h = layer(h, rope, mask, input_pos)
+        h = self.forward_layers(h, rope, input_pos)  # (B, T, dim)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
             h = self.output(h)  # (B, T, vocab)
         return h
 
-    def _attended_len(self, input_pos: torch.Tensor) -> int:
-        """How many cache positions attention reads: all of them, or on CPU in eager mode only the filled
-        ones, [0, last position]. Speed: a decode step then does not attend over the whole static cache
-        (SmolLM2, 2048-position chat cache, early in a chat: 30 x ~500 us of attention a token saved).
-        Compiled code keeps static shapes (no recompiles); on GPU reading the position would sync."""
-        if input_pos.device.type != "cpu" or torch.compiler.is_compiling():
-            return self.max_seq_len
-        return int(input_pos.max()) + 1
+    def forward_layers(self, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """h (B, T, dim) through every block this model holds."""
+        mask = self.attention_mask(input_pos).unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len)
+        for layer in self.layers.values():
+            h = layer(h, rope, mask, input_pos)
+        return h
 
-
-def _out_features(linear: nn.Module) -> int:
-    """Rows of a linear weight as this process holds them (a TP shard holds fewer)."""
-    weight = getattr(linear, "weight", None)
-    if weight is None:  # a quantized layer that packs its weight (quantize.Int4Linear): one process, whole
-        return linear.out_features
-    local = getattr(weight, "to_local", None)
-    return (local() if local else weight).shape[0]
+    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(T, kv_len) causal mask of the positions input_pos over the cache: the whole static cache."""
+        return self.causal_mask[input_pos]  # (T, max_seq_len)

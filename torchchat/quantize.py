@@ -7,7 +7,7 @@ A batch-1 decode step reads every weight once per token, so fewer weight bytes a
 stream from memory:
 
 - int8: one float32 scale per output row (symmetric). 1 byte per weight. A one-row input (a decode
-  step) goes to ``torch.ops.torchchat.gemv`` (see cpu_kernels), in float32; without it, to
+  step) goes to ``torch.ops.torchchat.gemv`` (see torchchat.cpu), in float32; without it, to
   ``aten._weight_int8pack_mm``.
 - int4: groups of ``group_size`` weights along the input dimension share a scale and a min
   (asymmetric, min-max; llama.cpp's Q4_1 with groups of 32), float16 scales and mins: 0.625 bytes a
@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from torchchat import cpu_kernels
+from torchchat.cpu import kernels as cpu_kernels
+from torchchat.cpu.decode import GemvLinear
 from torchchat.errors import ConfigError
 
 SCHEMES = ("int8", "int4")
@@ -43,7 +44,7 @@ _COMPUTE_DTYPE = torch.bfloat16  # the kernels' fast path
 # matmul: the weight-only kernels are made for matrix-vector products and are ~2x slower than MKL's
 # GEMM on a 512-token prompt, while dequantizing costs one pass over the weight.
 _PREFILL_ROWS = 32
-_FLOAT_LINEARS = (nn.Linear, cpu_kernels.GemvLinear)  # what quantize_model replaces
+_FLOAT_LINEARS = (nn.Linear, GemvLinear)  # what quantize_model replaces
 
 
 class Int8Linear(nn.Module):
@@ -66,14 +67,14 @@ class Int8Linear(nn.Module):
         return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])  # (out, in)
 
     def gemv_operands(self):
-        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (cpu_kernels)."""
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (torchchat.cpu)."""
         return (self.weight, self.scales, 0) if self.scales.dtype == torch.float32 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (B * T, in)
         if rows.size(0) >= _PREFILL_ROWS:
             return self._float32_linear(x)
-        if cpu_kernels.supports(rows, self.weight):  # one row: see cpu_kernels
+        if cpu_kernels.supports(rows, self.weight):  # one row: see torchchat.cpu
             return torch.ops.torchchat.gemv(x, self.weight, self.scales)
         y = torch.ops.aten._weight_int8pack_mm(rows.to(_COMPUTE_DTYPE), self.weight,
                                                self.scales.to(_COMPUTE_DTYPE))  # (B * T, out)
@@ -140,7 +141,7 @@ class Int4Linear(nn.Module):
         return (q * sm[..., :1] + sm[..., 1:]).view(p.size(0), self.in_features)  # (rows, in)
 
     def gemv_operands(self):
-        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (cpu_kernels)."""
+        """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (torchchat.cpu)."""
         return self.packed, self.scales_and_mins, self.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

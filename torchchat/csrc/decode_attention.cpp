@@ -11,7 +11,7 @@
 // q: (B, n_heads, 1, head_dim); k_cache, v_cache: (B, n_kv_heads, S, head_dim) float32 or float16, contiguous
 // (n_heads a multiple of n_kv_heads: grouped heads share a cache head); input_pos: (1,) int64.
 // Returns (B, n_heads, 1, head_dim) in q's dtype; float32 math, softmax scale 1/sqrt(head_dim).
-// Built with gemv.cpp into one library by torchchat/cpu_kernels.py (see FLAGS there).
+// Built with gemv.cpp into one library by torchchat/cpu/kernels.py (see FLAGS there).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -46,6 +46,8 @@ namespace {
 
 using namespace torchchat_cpu;
 
+// A block's linears by index, in the order torchchat/cpu/decode.py's BLOCK_LINEARS declares and builds the
+// arguments from (tests/test_decode_layers.py checks the two agree).
 constexpr int kLinears = 7;
 enum LinearIndex { kWq, kWk, kWv, kWo, kW1, kW3, kW2 };
 constexpr std::array<const char *, kLinears> kLinearNames = {"wq", "wk", "wv", "wo", "w1", "w3", "w2"};

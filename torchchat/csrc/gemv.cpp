@@ -10,7 +10,7 @@
 // x: (..., in) with one row, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
 // bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32 (int8: x in int16,
 // see gemv_rows.h).
-// Built by torchchat/cpu_kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
+// Built by torchchat/cpu/kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
 // row kernels are in gemv_rows.h, the row loop (multiply, shared with decode_layers.cpp) in linear_rows.h.
 
 #include <ATen/Parallel.h>

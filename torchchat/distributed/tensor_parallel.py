@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from torchchat import cpu_kernels
+from torchchat.cpu import kernels as cpu_kernels
+from torchchat.cpu.decode import GemvLinear
 from torchchat.distributed.collectives import tp_all_gather, tp_all_reduce
 from torchchat.model import Transformer
 
@@ -52,6 +53,8 @@ def parallelize(model: Transformer, tp_mesh) -> dict[str, ParallelStyle]:
         if module._forward_hooks or module._forward_pre_hooks:
             raise RuntimeError(f"{fqn} already has forward hooks; localize() would remove them")
     parallelize_module(model, tp_mesh, plan, src_data_rank=None)
+    for layer in model.layers.values():  # this rank's share of the KV heads, for its caches (as torchtitan)
+        layer.attention.n_kv_heads = model.args.n_kv_heads // tp_mesh.size()
     return plan
 
 
@@ -143,7 +146,7 @@ def _partial_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return cpu_kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float())
 
 
-class GatheredLinear(cpu_kernels.GemvLinear):
+class GatheredLinear(GemvLinear):
     """A column-wise parallel linear whose output is replicated (the output layer): this rank's vocab
     shard of the logits, for the last position only, all-gathered. Generation samples there alone, and
     a prompt's every position would multiply the work and the gathered bytes by its length. The shard is

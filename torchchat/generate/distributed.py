@@ -47,14 +47,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from torchchat import cpu_kernels
+from torchchat import cpu
 from torchchat.distributed.collectives import broadcast_token, broadcast_turn, new_turn_group
 from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.pipeline import Pipeline, StageModule, trim_to_stage
 from torchchat.distributed.tensor_parallel import localize, parallelize
 from torchchat.generate.base import Generator, Turn
-from torchchat.generate.local import DTYPES, _Float32Linears, _native_bf16  # LocalGenerator's prefill GEMMs
+from torchchat.generate.local import DTYPES
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
 
@@ -128,16 +128,15 @@ class DistributedGenerator(Generator):
             runner = WholeStage(model)
         plain = dims.tp == 1 or localize_tp  # no DTensor: the CPU ops and modes below take plain tensors only
         on_cpu = device.type == "cpu"
+        # The same CPU fast path as LocalGenerator, so that a rank computes what one process computes (and as
+        # fast). One-row linears through the gemv op where they are plain tensors (localize's RowwiseLinear and
+        # GatheredLinear call it themselves); a stage's batch-1 step in one block-op call without TP (a TP
+        # rank's layers all-reduce inside the block).
+        if on_cpu:
+            cpu.install(model, linears=plain, fuse_layers=dims.tp == 1)
+        float32_prefill = on_cpu and plain and DTYPES[dtype] != torch.float32 and not cpu.native_bf16()
         gen = cls(runner, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
-                  device=device, turn_group=turn_group,
-                  float32_prefill=on_cpu and plain and DTYPES[dtype] != torch.float32 and not _native_bf16(), **kwargs)
-        # The same CPU kernels as LocalGenerator, so that a rank computes what one process computes (and as fast):
-        if on_cpu:  # decode attention over the filled cache only (this rank's heads)
-            cpu_kernels.use_decode_attention(model)
-        if on_cpu and plain:  # one-row linears through the gemv op: a TP rank's column-wise ones (localize's
-            cpu_kernels.use_gemv(model)  # RowwiseLinear and GatheredLinear call it themselves)
-        if on_cpu and dims.tp == 1:  # a stage's batch-1 decode step in one block-op call (a TP rank's
-            cpu_kernels.use_fused_decode(model)  # layers all-reduce inside the block)
+                  device=device, turn_group=turn_group, float32_prefill=float32_prefill, **kwargs)
         gen.log(f"stage {stage_index + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
                 f"tp {mesh.get_local_rank('tp') + 1}/{dims.tp}: loaded {source.name} ({dtype}, {device}) in "
                 f"{time.perf_counter() - t0:.2f} s, peak memory {peak_memory_mb(device):.0f} MB")
@@ -150,7 +149,7 @@ class DistributedGenerator(Generator):
 
     def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         self._check_batch(tokens.size(0))
-        linears = _Float32Linears() if self.float32_prefill else contextlib.nullcontext()
+        linears = cpu.Float32Linears() if self.float32_prefill else contextlib.nullcontext()
         with torch.no_grad(), linears:  # never inference_mode: DTensor (the reference path) fails under it
             logits = self.runner.forward(tokens, start_pos)  # (B, vocab) on the last stage, else None
         return self._decide(logits, tokens.size(0))

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from torchchat import cpu_kernels
+from torchchat import cpu
 from torchchat.generate.base import Generator
 from torchchat.model import Transformer
 
@@ -33,17 +30,14 @@ class LocalGenerator(Generator):
         super().__init__(model.args, tokenizer, chat_format, max_seq_len=max_seq_len, device=device, **kwargs)
         self.model = model
         self.max_batch = max_batch
-        model.setup_caches(max_batch, max_seq_len)
-        # Speed, CPU: one-row linears go to torch.ops.torchchat.gemv, one-position attention to
-        # torch.ops.torchchat.decode_attention, and a batch-1 step's blocks to torch.ops.torchchat.decode_layers,
-        # one call a token (see cpu_kernels); without them, a compiled step writes the linears as reductions
-        # (see _GemvAsReduction) and attends over the whole static cache.
+        # Speed, CPU: float16 caches, one-row linears through torch.ops.torchchat.gemv, a batch-1 step's blocks
+        # through torch.ops.torchchat.decode_layers, one call a token (torchchat.cpu); without the ops, a
+        # compiled step writes the linears as reductions (see cpu.GemvAsReduction).
         on_cpu = self.device.type == "cpu"
         if on_cpu:
-            cpu_kernels.use_gemv(model)
-            cpu_kernels.use_decode_attention(model)
-            cpu_kernels.use_fused_decode(model)
-        step = self._forward_one_reduced if on_cpu and not cpu_kernels.available() else self._forward_one
+            cpu.install(model)
+        model.setup_caches(max_batch, max_seq_len)
+        step = self._forward_one_reduced if on_cpu and not cpu.kernels.available() else self._forward_one
         self.compiled = compile
         self._decode_step = torch.compile(step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) \
             if compile else self._forward_one
@@ -103,14 +97,14 @@ class LocalGenerator(Generator):
         return self.model(token, input_pos)[:, -1]  # (B, V)
 
     def _forward_one_reduced(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """The decode step as compiled on CPU without the gemv op (see _GemvAsReduction)."""
-        with _GemvAsReduction():
+        """The decode step as compiled on CPU without the gemv op (see cpu.GemvAsReduction)."""
+        with cpu.GemvAsReduction():
             return self._forward_one(token, input_pos)
 
     def _prefill_mode(self):
         """Speed: on a CPU without native bf16, a prompt's bf16/fp16 linears run as float32 GEMMs."""
         reduced = self.device.type == "cpu" and next(self.model.parameters()).dtype != torch.float32
-        return _Float32Linears() if reduced and not _native_bf16() else contextlib.nullcontext()
+        return cpu.Float32Linears() if reduced and not cpu.native_bf16() else contextlib.nullcontext()
 
     def _check_batch(self, batch: int):
         if batch > self.max_batch:
@@ -129,54 +123,3 @@ def _output_layer_detached(model: Transformer):
         yield output
     finally:
         model.output = output
-
-
-class _Float32Linears(TorchFunctionMode):
-    """Speed, prefill only: F.linear on bf16/fp16 inputs of many rows computes in float32, then casts back.
-
-    Without native bf16 instructions (AVX2) oneDNN's bf16 GEMM is ~8x slower than MKL's float32 one
-    (512 x 576 x 1536: 93 ms vs 12 ms); converting the weight costs one pass over it. The sum is
-    accumulated in float32 either way. The weight is converted a slice of rows at a time
-    (``cpu_kernels.float32_linear``).
-    """
-
-    MIN_ROWS = 16  # below this (decode steps) the weight read dominates: keep bf16
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and self._applies(*args, **kwargs):
-            return self._linear(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _applies(self, x, weight, bias=None) -> bool:
-        reduced = (torch.bfloat16, torch.float16)
-        return x.dtype in reduced and weight.dtype in reduced and x.numel() // x.size(-1) >= self.MIN_ROWS
-
-    def _linear(self, x, weight, bias=None):
-        return cpu_kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float(), bias)
-
-
-class _GemvAsReduction(TorchFunctionMode):
-    """Speed, compiled CPU decode steps without the gemv op: F.linear of a single row is written as
-    multiply-and-sum, which Inductor turns into one fused, vectorized, multi-threaded loop (MKL's
-    matrix-vector product runs on one thread here). Traced by Dynamo, so it costs nothing at run
-    time; eager code never sees it (an unfused multiply would be slow there).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and _one_row(*args, **kwargs):
-            x, weight = args[0], args[1]
-            return (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
-        return func(*args, **kwargs)
-
-
-def _one_row(x, weight, bias=None) -> bool:
-    return bias is None and x.numel() == x.size(-1) and x.dtype == weight.dtype and weight.dim() == 2
-
-
-@functools.cache
-def _native_bf16() -> bool:
-    """Does this CPU have bf16 matrix instructions (AVX512-BF16 or AMX), so oneDNN's bf16 GEMM is fast?"""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
