@@ -204,6 +204,7 @@ def shard_explicitly(model: Transformer, rank: int, world: int):
             linear = getattr(parent, name)
             _keep(linear, 1, rank, world)  # input features: the same heads / hidden units
             setattr(parent, name, AllReduceOutput(linear))
+        attn.n_kv_heads = model.args.n_kv_heads // world  # this rank's share, for its caches (as tensor_parallel)
     _keep(model.output, 0, rank, world)
     model.output = GatherVocab(model.output, world)
     model.max_batch = model.max_seq_len = 0  # caches are rebuilt with the local KV heads
