@@ -45,9 +45,12 @@ def guarded_protocol(max_connections: int) -> type[H11Protocol]:
     refusals = _RefusalLog()
 
     class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._head_deadline: asyncio.TimerHandle | None = None  # closes a connection whose head is late
+
         def connection_made(self, transport: asyncio.Transport):  # type: ignore[override]
             super().connection_made(transport)
-            self._head_deadline = None
             if len(self.connections) > max_connections:
                 refusals.refused(f"{len(self.connections) - 1} connections are open (--max-connections "
                                  f"{max_connections})")
@@ -75,7 +78,7 @@ def guarded_protocol(max_connections: int) -> type[H11Protocol]:
             self._head_deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._head_too_late)
 
         def _cancel_deadline(self):
-            if getattr(self, "_head_deadline", None) is not None:
+            if self._head_deadline is not None:
                 self._head_deadline.cancel()
                 self._head_deadline = None
 
