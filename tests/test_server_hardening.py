@@ -342,7 +342,7 @@ def test_hundreds_of_hostile_requests_leave_the_server_right_and_bounded(local):
     assert statuses.count(400) > 200  # most of them are refused, each with a 400
     assert greedy_reply(local, 16) == before_text
     grown = rss_mib(local.proc.pid) - before_rss
-    assert grown < 200, f"the server grew by {grown:.0f} MiB"
+    assert grown < 50, f"the server grew by {grown:.0f} MiB"  # measured: 7 MiB
     assert_clean_log(local)
 
 
