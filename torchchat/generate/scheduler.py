@@ -106,6 +106,9 @@ class Scheduler:
     def step(self):
         """Run what can run now: joins, then a prompt chunk and the decode steps (see the module docstring)."""
         self._admit()
+        if self.waiting and not self.running and not self._in_flight:
+            raise RuntimeError(f"internal error: {len(self.waiting)} request(s) wait for cache rows that nothing "
+                               f"runs in")  # rows leaked: fail rather than spin forever
         depth = self.gen.max_in_flight
         for step in self._next_steps(depth):
             self.gen.start(step)
