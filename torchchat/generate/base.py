@@ -104,7 +104,8 @@ class Generator(ABC):
         """Put ``turn`` in the schedule; ``on_text(index, text)`` streams each sequence's text, ``on_done(request)``
         runs when every sequence ended. ConfigError/ContextFull for a request that cannot run.
 
-        ``stops=False``: no stop token or string ends it early (benchmarks: always ``max_new_tokens``)."""
+        ``stops=False``: no stop token or string ends it early (benchmarks: always ``max_new_tokens``), and the
+        completions carry token ids only (no text)."""
         check_fits(len(turn.tokens), turn.args.max_new_tokens, self.max_seq_len)
         if turn.args.num_samples > self.max_batch:
             if self.scheduler.busy:
@@ -113,7 +114,7 @@ class Generator(ABC):
             self.resize_batch(turn.args.num_samples)
         stop_ids = self.stop_ids if stops else frozenset()
         stop_text = self._stop_text_check(turn.args.stop) if stops else None
-        request = Request(turn, self.tokenizer, stop_ids, stop_text, self.device, on_text, on_done)
+        request = Request(turn, self.tokenizer, stop_ids, stop_text, self.device, on_text, on_done, with_text=stops)
         self.scheduler.add(request)
         return request
 

@@ -100,6 +100,8 @@ class Sequence:
 
     def completion(self) -> Completion:
         tokens, stop = self.generated, self.request.turn.args.stop
+        if not self.request.with_text:
+            return Completion(tokens, "", "length")
         text = self.request.tokenizer.decode(tokens[:-1] if self.stop_token is not None else tokens)
         if self.stopped_by_text:
             text = text[:min(text.find(s) for s in stop if s in text)]
@@ -112,8 +114,9 @@ class Request:
 
     def __init__(self, turn: Turn, tokenizer, stop_ids: frozenset[int], stop_text: Callable[[list[int]], bool] | None,
                  device: torch.device, on_text: TextCallback | None = None,
-                 on_done: Callable[["Request"], None] | None = None):
+                 on_done: Callable[["Request"], None] | None = None, with_text: bool = True):
         self.turn = turn
+        self.with_text = with_text  # False: token ids only, no text (benchmarks: no stops, no detokenizing)
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.stop_text = stop_text
