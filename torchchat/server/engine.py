@@ -166,6 +166,8 @@ class Engine:
                     self._step()
                 self._publish()
         finally:
+            with self._lock:
+                self._stopping = True  # normally already; after a bug in the worker, nobody would serve them
             self._cut_all()
             self._end_session()
 
@@ -205,8 +207,10 @@ class Engine:
             log.exception("generation failed: every request in the batch was answered with an error")
 
     def _done(self, request: EngineRequest, done: Request):
-        """The generator's on_done, on the worker thread."""
+        """The generator's on_done, on the worker thread: the figures first (it has left the batch), so that a
+        client that sees its answer sees them too."""
         self._forget(request)
+        self._publish()
         if done.error is None:
             request.cached_tokens = done.reused
             request.post(done.completions)
