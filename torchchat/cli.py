@@ -112,10 +112,11 @@ def add_server_flags(p: argparse.ArgumentParser):
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     g.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
-                   help="sequences generated at once (KV cache rows; a request of n samples takes n); more requests "
-                        f"wait for a free one. Default {DEFAULT_MAX_BATCH}: on CPU a decode step reads every weight "
-                        "once for all its rows, so up to about 8 rows cost little more than one, while each row "
-                        "holds a KV cache of --max-seq-length tokens (on a GPU, larger batches still pay)")
+                   help="sequences generated at once (KV cache rows, slots; a request of n samples takes n); more "
+                        f"requests wait for a free slot. Default {DEFAULT_MAX_BATCH}, for a CPU: a decode step reads "
+                        "each weight once for all its rows, so a handful of clients share each read, while every "
+                        "row holds a KV cache of --max-seq-length tokens and each stream slows as the step grows "
+                        "(on a GPU, raise it)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests allowed to wait for a free slot; more are answered 503")
     g.add_argument("--no-prefix-reuse", action="store_true",
