@@ -199,9 +199,9 @@ def _too_large(size: int, limit: int) -> ApiError:
                          f"(--max-body-size)", code="request_too_large")
 
 
-async def _result_unless_gone(queued: EngineRequest, request: Request):
+async def _result_unless_gone(submitted: EngineRequest, request: Request):
     """The completions, or None when the client hung up first (its sequences then leave the batch)."""
-    task = asyncio.ensure_future(queued.result())
+    task = asyncio.ensure_future(submitted.result())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
@@ -214,5 +214,5 @@ async def _result_unless_gone(queued: EngineRequest, request: Request):
                 return None
     finally:
         if not task.done():
-            queued.cancel()
+            submitted.cancel()
             task.cancel()
