@@ -215,14 +215,15 @@ class DistributedGenerator(Generator):
         print(line, file=self.err, flush=True)
 
     def close(self):
-        """Destroy the process groups this generator created (the launcher destroys the default one)."""
+        """Destroy the long-timeout groups this generator created. The mesh's groups stay until the default
+        group goes (the launcher destroys it, and every group with it): DTensor caches meshes by equality, so a
+        later generator of the same layout in this process (tests, benchmarks) gets this mesh back, groups
+        included, in its parameters' placements."""
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
-        groups = self._groups + [self.mesh.get_group(d) for d in ("pp", "tp")]
-        for group in {id(g): g for g in groups}.values():
-            if group is not dist.group.WORLD:  # a 1-D mesh over every rank may reuse the default group
-                dist.destroy_process_group(group)
+        for group in {id(g): g for g in self._groups}.values():
+            dist.destroy_process_group(group)
 
 
 def _route(mesh, dims: ParallelDims, device: torch.device, dtype: torch.dtype, args) -> tuple[StepRoute, list]:
