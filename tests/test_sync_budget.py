@@ -78,14 +78,18 @@ def expected_helpers(tp: int, pp: int, rank: int, stage: int, tp_rank: int, laye
                      control: int) -> dict[str, int]:
     """The docstring's formula for ``steps`` forward steps and ``control`` plans (resizes, the session's end)."""
     first, last = stage == 0, stage == pp - 1
+    plans = steps + control
     counts = {}
-    if tp > 1 and first:
-        counts["broadcast_plan"] = steps + control
+    sends = (tp - 1 if rank == 0 else 0) + (not last)  # rank 0 to its tp peers; every stage to the next
+    if sends:
+        counts["send_plan"] = sends * plans
+    if rank != 0:
+        counts["recv_plan"] = plans
     if pp > 1:
         if not last:
-            counts.update(send_plan=steps + control, send_activation=steps)
+            counts["send_activation"] = steps
         if not first:
-            counts.update(recv_plan=steps + control, recv_activation=steps)
+            counts["recv_activation"] = steps
         if last and tp_rank == 0:
             counts["send_logits"] = steps
         if rank == 0:
@@ -99,7 +103,7 @@ def expected_helpers(tp: int, pp: int, rank: int, stage: int, tp_rank: int, laye
 
 def on_the_wire(helpers: dict[str, int]) -> dict[str, int]:
     """The docstring's torch.distributed operations for these helper calls: one each."""
-    kind = {"broadcast_plan": "broadcast", "send_plan": "send", "recv_plan": "recv", "send_activation": "send",
+    kind = {"send_plan": "send", "recv_plan": "recv", "send_activation": "send",
             "recv_activation": "recv", "send_logits": "send", "recv_logits": "recv", "tp_all_reduce": "all_reduce",
             "tp_all_gather": "all_gather"}
     wire = Counter()

@@ -38,35 +38,28 @@ def counts() -> dict[str, int]:
     return {name: n for name, n in COUNTS.items() if n}
 
 
-def new_long_group(ranks: list[int] | None = None):
-    """A gloo group (of ``ranks``, default every rank) whose waits may last as long as a human's (plans only).
-    Every rank must call it, in the same order, for every group."""
-    return dist.new_group(ranks=ranks, backend="gloo", timeout=LONG_TIMEOUT)
+def new_long_group():
+    """A gloo group of every rank whose waits may last as long as a human's (plans only; every rank calls it)."""
+    return dist.new_group(backend="gloo", timeout=LONG_TIMEOUT)
 
 
-# ----- the plan of each step (torchchat/distributed/plan.py): int64 on the CPU, on long-timeout groups -----
-
-def broadcast_plan(plan: torch.Tensor, src: int, group) -> torch.Tensor:
-    """Per forward step (and per resize, and once when a session ends), on the ranks of the first stage: rank 0's
-    plan to its peers, in place. Why: only rank 0 schedules; every rank of the stage must run the same rows.
-    The sender waits at most the collective timeout (the peers are ready within a step), the others as long
-    as the next request takes."""
-    COUNTS["broadcast_plan"] += 1
-    work = dist.broadcast(plan, src=src, group=group, async_op=True)
-    _wait(work, collective_timeout() if dist.get_rank() == src else None)
-    return plan
-
+# ----- the plan of each step (torchchat/distributed/plan.py): int64 on the CPU, on the long-timeout group -----
 
 def send_plan(plan: torch.Tensor, dst: int, group):
-    """Per forward step (and per resize, and once when a session ends) on every stage but the last: the step's
-    plan to the same tp rank of the next stage, before this stage computes. Why: the next stage keeps no state;
-    the plan says which rows its layers run. Returns the pending send (wait before reusing ``plan``)."""
+    """Per forward step (and per resize, and once when a session ends): the step's plan from rank 0 to each
+    other rank of the first stage, and from every stage but the last to the same tp rank of the next, before
+    the sender computes. Why: only rank 0 schedules, and the other ranks keep no state; the plan says which
+    rows their layers run. Returns the pending send (wait, with ``wait_step``, before reusing ``plan``).
+
+    Point-to-point, not a broadcast, on the first stage: a gloo collective whose wait times out keeps running
+    in the group's worker thread until the group's own timeout (30 days here), and the process cannot exit
+    (it joins that thread); a point-to-point send that times out closes its connection instead."""
     COUNTS["send_plan"] += 1
     return dist.isend(plan, dst=dst, group=group)
 
 
 def recv_plan(plan: torch.Tensor, src: int, group) -> torch.Tensor:
-    """The matching receive on every stage but the first: waits as long as the next request takes."""
+    """The matching receive on every rank but 0: waits as long as the next request takes."""
     COUNTS["recv_plan"] += 1
     _wait(dist.irecv(plan, src=src, group=group), None)
     return plan

@@ -7,9 +7,10 @@ norm and output after the last), so parameter names and the KV cache of the kept
 ("pp", "tp") mesh, one stage being the whole model when pp == 1. Rank 0 (tp rank 0 of the first stage)
 schedules:
 
-- the first stage's ranks get each plan by a broadcast from rank 0;
+- rank 0 sends each plan to the other ranks of the first stage (its tp peers);
 - tp rank j of stage s > 0 receives the plan, then the hidden states (B, T, dim), from tp rank j of stage
-  s - 1; the plan goes on before a stage computes, the hidden states after;
+  s - 1; the plan goes on before a stage computes, the hidden states after. Every rank but 0 receives one
+  plan a step: the messages of a broadcast, each waited for on its own (``collectives.send_plan`` says why);
 - tp rank 0 of the last stage sends the logits (B, V) to rank 0, which posted the receive when it started
   the step: rank 0 starts the next group of sequences while this one is in the pipe (no drain per token).
 
@@ -24,8 +25,8 @@ from collections import deque
 
 import torch
 
-from torchchat.distributed.collectives import (broadcast_plan, post_recv_logits, recv_activation, recv_plan,
-                                               send_activation, send_logits, send_plan, wait_step)
+from torchchat.distributed.collectives import (post_recv_logits, recv_activation, recv_plan, send_activation,
+                                               send_logits, send_plan, wait_step)
 from torchchat.model import Transformer
 
 
@@ -44,24 +45,29 @@ def trim_to_stage(model: Transformer, layers: range, stage: int, num_stages: int
 class StepRoute:
     """This rank's links for each step (see the module docstring).
 
-    ``plan_group``: a long-timeout group over the first stage's ranks (None on other stages, or where the first
-    stage is rank 0 alone); ``link_group``: a long-timeout group holding every rank (plans between stages);
-    ``pp_group``: this tp rank's pipeline group (hidden states, logits).
+    ``plan_group``: a long-timeout group of every rank (plans); ``pp_group``: this tp rank's pipeline group
+    (hidden states, logits).
     """
 
-    def __init__(self, mesh, rank: int, plan_group, link_group, pp_group, device: torch.device,
-                 dtype: torch.dtype, dim: int, vocab_size: int):
+    def __init__(self, mesh, rank: int, plan_group, pp_group, device: torch.device, dtype: torch.dtype, dim: int,
+                 vocab_size: int):
         grid = mesh.mesh  # (pp, tp) global ranks
         self.stage, tp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("tp")
         self.num_stages = grid.size(0)
         self.rank = rank
         self.io_rank = int(grid[0, 0])
         self.logits_rank = int(grid[-1, 0])  # sends the logits to rank 0
-        self.prev = int(grid[self.stage - 1, tp_rank]) if not self.is_first else None
-        self.next = int(grid[self.stage + 1, tp_rank]) if not self.is_last else None
-        self.plan_group, self.link_group, self.pp_group = plan_group, link_group, pp_group
+        self.prev = int(grid[self.stage - 1, tp_rank]) if not self.is_first else None  # hidden states from
+        self.next = int(grid[self.stage + 1, tp_rank]) if not self.is_last else None  # hidden states to
+        self.plan_from = self.prev if not self.is_first else self.io_rank if rank != self.io_rank else None
+        self.plan_to = [int(r) for r in grid[0, 1:]] if rank == self.io_rank else []  # rank 0's tp peers
+        if self.next is not None:
+            self.plan_to.append(self.next)
+        self.plan_group, self.pp_group = plan_group, pp_group
         self.device, self.dtype, self.dim, self.vocab_size = device, dtype, dim, vocab_size
-        self._sends: list[tuple[object, torch.Tensor]] = []  # pending sends and the tensors they read
+        # Pending sends and the tensors they read, of the latest step and of the one before
+        self._sends: list[tuple[object, torch.Tensor]] = []
+        self._older_sends: list[tuple[object, torch.Tensor]] = []
         self._logits: deque[tuple[object | None, torch.Tensor]] = deque()  # rank 0: (pending receive, logits)
 
     @property
@@ -73,13 +79,14 @@ class StepRoute:
         return self.stage == self.num_stages - 1
 
     def share_plan(self, plan: torch.Tensor) -> torch.Tensor:
-        """Rank 0's ``plan`` to this rank (in place into ``plan`` elsewhere), then on to the next stage."""
-        if not self.is_first:
-            recv_plan(plan, self.prev, self.link_group)
-        elif self.plan_group is not None:
-            broadcast_plan(plan, self.io_rank, self.plan_group)
-        if not self.is_last:
-            self._send(send_plan(plan, self.next, self.link_group), plan)
+        """Rank 0's ``plan`` to this rank (in place into ``plan`` elsewhere), then on to the ranks it goes to
+        from here. Begins a step."""
+        self._flush(self._older_sends)  # two steps back: taken by now, or about to be
+        self._older_sends, self._sends = self._sends, []
+        if self.plan_from is not None:
+            recv_plan(plan, self.plan_from, self.plan_group)
+        for dst in self.plan_to:
+            self._sends.append((send_plan(plan, dst, self.plan_group), plan))
         return plan
 
     def hidden_in(self, batch: int, seq_len: int) -> torch.Tensor:
@@ -100,11 +107,11 @@ class StepRoute:
             raise RuntimeError(f"stage {self.stage} made {out.dtype} activations; the next stage receives {self.dtype}")
         out = out.contiguous()
         if not self.is_last:
-            self._send(send_activation(out, self.next, self.pp_group), out)
+            self._sends.append((send_activation(out, self.next, self.pp_group), out))
         elif self.rank == self.io_rank:
             self._logits.append((None, out))
         elif self.rank == self.logits_rank:
-            self._send(send_logits(out, self.io_rank, self.pp_group), out)
+            self._sends.append((send_logits(out, self.io_rank, self.pp_group), out))
 
     def take_logits(self) -> torch.Tensor:
         """Rank 0: the logits (B, V) of the oldest step started and not yet taken."""
@@ -117,15 +124,11 @@ class StepRoute:
         """Wait for every pending transfer (a session's end; logits nobody took are dropped)."""
         while self._logits:
             self.take_logits()
-        self._flush()
+        self._flush(self._older_sends)
+        self._flush(self._sends)
 
-    def _send(self, work, tensor: torch.Tensor):
-        """Keep at most one step's sends pending: the earlier ones were taken by now, or are about to be."""
-        if len(self._sends) >= 2:
-            self._flush()
-        self._sends.append((work, tensor))
-
-    def _flush(self):
-        for work, _ in self._sends:
+    @staticmethod
+    def _flush(sends: list):
+        for work, _ in sends:
             wait_step(work)
-        self._sends.clear()
+        sends.clear()

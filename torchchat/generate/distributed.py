@@ -20,18 +20,18 @@ by ``tests/test_sync_budget.py``. ``S`` forward steps (a prompt chunk, or one to
 group: any batch, any length), ``C`` control plans (one per resize of the cache rows, one per session end);
 a rank of stage ``s`` holds ``L_s`` layers:
 
-- ``broadcast_plan``: S + C on every rank of the first stage, with tp > 1 (rank 0's plan to its tp peers);
-- with pp > 1:
-  - ``send_plan``: S + C on every stage but the last, ``recv_plan``: S + C on every stage but the first
-    (to and from the same tp rank of the next and previous stage);
-  - ``send_activation``: S on every stage but the last, ``recv_activation``: S on every stage but the first;
-  - ``send_logits``: S on tp rank 0 of the last stage, ``recv_logits``: S on rank 0 (the logits of each step);
+- the plan: ``recv_plan`` S + C on every rank but 0; ``send_plan`` S + C to each rank it goes on to: from
+  rank 0 to its tp - 1 peers of the first stage, and from every stage but the last to the same tp rank of
+  the next (each rank but 0 receives one plan a step: the messages of a broadcast, see ``send_plan``);
+- with pp > 1: ``send_activation`` S on every stage but the last, ``recv_activation`` S on every stage but
+  the first; ``send_logits`` S on tp rank 0 of the last stage, ``recv_logits`` S on rank 0 (each step's
+  logits, which rank 0 samples);
 - with tp > 1: ``tp_all_reduce`` S * (2 * L_s + 1 on the first stage) (after wo and w2 of each layer, and the
   vocab-sharded embedding); ``tp_all_gather`` S on the last stage (the logits).
 
-With pp == 1 and tp > 1 the plan's broadcast covers every rank. So a decoded token of SmolLM2 (30 layers)
-costs at TP 3 one broadcast + 61 all-reduces + 1 all-gather on each rank; at PP 2, 3 point-to-point
-operations on each rank (plan, hidden states, logits), whatever the number of sequences in the step.
+So a decoded token of SmolLM2 (30 layers) costs at TP 3 each rank 61 all-reduces + 1 all-gather, and the plan
+(2 sends on rank 0, 1 receive on the others); at PP 2, 3 point-to-point operations on each rank (plan, hidden
+states, logits), whatever the number of sequences in the step.
 
 On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the decode
 path communicates outside this budget): each helper is one operation: a broadcast, a send, a receive, an
@@ -40,7 +40,7 @@ fp16) model on CPU the ``tp_all_reduce`` after ``wo`` and ``w2`` carries float32
 after the sum, as one process's linear rounds: see ``RowwiseLinear``), twice the bytes of the model's dtype;
 the embedding's stays in the model's dtype (its sum adds zeros: exact).
 
-Waits: a plan may wait as long as a human (a chat between turns): plans travel on long-timeout groups, and
+Waits: a plan may wait as long as a human (a chat between turns): plans travel on a long-timeout group, and
 everything else, plans' senders included, waits at most TORCHCHAT_DIST_TIMEOUT_S (collectives.py).
 """
 
@@ -118,6 +118,7 @@ class DistributedGenerator(Generator):
         self._groups = list(groups)  # the groups this generator created, destroyed by close()
         part.setup_caches(max_batch, max_seq_len)
         self._closed = False
+        self._broken = False  # a step failed or was interrupted on this rank (see end_session)
 
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, dims: ParallelDims, *, max_seq_len: int, max_batch: int = 1,
@@ -135,7 +136,7 @@ class DistributedGenerator(Generator):
         args = model_args or read_model_args(source)
         dims.check_model(args, source.name)
         mesh = dims.build_mesh(device.type)
-        route, groups = _route(mesh, dims, device, DTYPES[dtype], args)
+        route, groups = _route(mesh, device, DTYPES[dtype], args)
         layers = dims.stage_layers(args.n_layers)[route.stage]
         model = _build_stage_model(source, args, dims, mesh, layers, DTYPES[dtype], device, localize_tp)
         plain = dims.tp == 1 or localize_tp  # no DTensor: the CPU ops and modes below take plain tensors only
@@ -162,26 +163,45 @@ class DistributedGenerator(Generator):
         return self.finish()
 
     def start(self, step: Step):
-        plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows))
-        self.route.expect_logits(step.tokens.size(0))
-        self._run(self.layout.read(plan))  # what every rank reads from the plan, rank 0 included
+        with self._failing_breaks():
+            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows))
+            self.route.expect_logits(step.tokens.size(0))
+            self._run(self.layout.read(plan))  # what every rank reads from the plan, rank 0 included
 
     def finish(self) -> torch.Tensor:
-        return self.route.take_logits()  # (B, V)
+        with self._failing_breaks():
+            return self.route.take_logits()  # (B, V)
 
     def resize_batch(self, max_batch: int):
         """Every rank's caches grow to ``max_batch`` rows (nothing is in flight: the scheduler calls this
         between requests)."""
-        self.route.drain()
-        self.route.share_plan(self.layout.resize(max_batch))
-        self._resize_here(max_batch)
+        with self._failing_breaks():
+            self.route.drain()
+            self.route.share_plan(self.layout.resize(max_batch))
+            self._resize_here(max_batch)
         self._resized(max_batch)
 
     def end_session(self):
-        """Release the followers; their ``follow()`` returns (a server's, or the CLI's ranks)."""
-        self.route.drain()
-        self.route.share_plan(self.layout.end())
-        self.route.drain()
+        """Release the followers; their ``follow()`` returns (a server's, or the CLI's ranks). Not after a step
+        failed or was interrupted on this rank: the others may be anywhere in a step, and this process's exit is
+        what ends them (their next transfer with it fails), not a plan they would not read."""
+        if self._broken:
+            return
+        with self._failing_breaks():
+            self.route.drain()
+            self.route.share_plan(self.layout.end())
+            self.route.drain()
+
+    @contextlib.contextmanager
+    def _failing_breaks(self):
+        """Anything escaping a step (a lost peer, Ctrl-C) leaves the ranks out of step for good."""
+        if self._broken:
+            raise RuntimeError("an earlier step failed on this rank; the other ranks are out of step")
+        try:
+            yield
+        except BaseException:
+            self._broken = True
+            raise
 
     # ----- every other rank -----
 
@@ -226,15 +246,12 @@ class DistributedGenerator(Generator):
             dist.destroy_process_group(group)
 
 
-def _route(mesh, dims: ParallelDims, device: torch.device, dtype: torch.dtype, args) -> tuple[StepRoute, list]:
-    """This rank's StepRoute, and the long-timeout groups it made (every rank creates them, in the same order)."""
-    link_group = new_long_group()  # every rank: plans between stages
-    first_stage = [int(r) for r in mesh.mesh[0]]
-    plan_group = link_group if dims.pp == 1 else new_long_group(first_stage) if dims.tp > 1 else None
-    rank = dist.get_rank()
-    route = StepRoute(mesh, rank, plan_group if rank in first_stage and dims.tp > 1 else None, link_group,
-                      mesh.get_group("pp"), device, dtype, args.dim, args.vocab_size)
-    return route, [g for g in (link_group, plan_group) if g is not None]
+def _route(mesh, device: torch.device, dtype: torch.dtype, args) -> tuple[StepRoute, list]:
+    """This rank's StepRoute, and the long-timeout group it made (every rank creates it)."""
+    plan_group = new_long_group()
+    route = StepRoute(mesh, dist.get_rank(), plan_group, mesh.get_group("pp"), device, dtype, args.dim,
+                      args.vocab_size)
+    return route, [plan_group]
 
 
 def _build_stage_model(source, args, dims: ParallelDims, mesh, layers: range, dtype: torch.dtype,
