@@ -46,11 +46,13 @@ class StepRoute:
     """This rank's links for each step (see the module docstring).
 
     ``plan_group``: a long-timeout group of every rank (plans); ``pp_group``: this tp rank's pipeline group
-    (hidden states, logits).
+    (hidden states); ``logits_group``: rank 0 and the last stage's tp rank 0 (logits; None with one stage). On
+    NCCL a communicator runs its transfers in the order they were issued: rank 0's pending receive of a step's
+    logits must not hold up its next step's hidden states.
     """
 
-    def __init__(self, mesh, rank: int, plan_group, pp_group, device: torch.device, dtype: torch.dtype, dim: int,
-                 vocab_size: int):
+    def __init__(self, mesh, rank: int, plan_group, pp_group, logits_group, device: torch.device,
+                 dtype: torch.dtype, dim: int, vocab_size: int):
         grid = mesh.mesh  # (pp, tp) global ranks
         self.stage, tp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("tp")
         self.num_stages = grid.size(0)
@@ -63,7 +65,7 @@ class StepRoute:
         self.plan_to = [int(r) for r in grid[0, 1:]] if rank == self.io_rank else []  # rank 0's tp peers
         if self.next is not None:
             self.plan_to.append(self.next)
-        self.plan_group, self.pp_group = plan_group, pp_group
+        self.plan_group, self.pp_group, self.logits_group = plan_group, pp_group, logits_group
         self.device, self.dtype, self.dim, self.vocab_size = device, dtype, dim, vocab_size
         # Pending sends and the tensors they read, of the latest step and of the one before
         self._sends: list[tuple[object, torch.Tensor]] = []
@@ -98,7 +100,7 @@ class StepRoute:
         """Rank 0, when it starts a step that another rank finishes: post the receive of its logits (B, V)."""
         if self.rank == self.io_rank and self.rank != self.logits_rank:
             logits = torch.empty(batch, self.vocab_size, dtype=self.dtype, device=self.device)
-            self._logits.append((post_recv_logits(logits, self.logits_rank, self.pp_group), logits))
+            self._logits.append((post_recv_logits(logits, self.logits_rank, self.logits_group), logits))
 
     def pass_on(self, out: torch.Tensor):
         """After this rank's layers: hidden states (B, T, dim) to the next stage, or the last stage's logits (B, V)
@@ -111,7 +113,7 @@ class StepRoute:
         elif self.rank == self.io_rank:
             self._logits.append((None, out))
         elif self.rank == self.logits_rank:
-            self._sends.append((send_logits(out, self.io_rank, self.pp_group), out))
+            self._sends.append((send_logits(out, self.io_rank, self.logits_group), out))
 
     def take_logits(self) -> torch.Tensor:
         """Rank 0: the logits (B, V) of the oldest step started and not yet taken."""

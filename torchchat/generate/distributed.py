@@ -57,6 +57,7 @@ from torchchat import cpu
 from torchchat.distributed.collectives import new_long_group
 from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
+from torchchat.distributed.process_group import collective_timeout
 from torchchat.distributed.pipeline import StepRoute, trim_to_stage
 from torchchat.distributed.plan import END, RESIZE, Plan, PlanLayout
 from torchchat.distributed.tensor_parallel import localize, parallelize
@@ -247,11 +248,14 @@ class DistributedGenerator(Generator):
 
 
 def _route(mesh, device: torch.device, dtype: torch.dtype, args) -> tuple[StepRoute, list]:
-    """This rank's StepRoute, and the long-timeout group it made (every rank creates it)."""
+    """This rank's StepRoute, and the groups it made for it (every rank creates them, in the same order)."""
     plan_group = new_long_group()
-    route = StepRoute(mesh, dist.get_rank(), plan_group, mesh.get_group("pp"), device, dtype, args.dim,
-                      args.vocab_size)
-    return route, [plan_group]
+    first, last = int(mesh.mesh[0, 0]), int(mesh.mesh[-1, 0])
+    # The logits' way back, on the model's device (the default group's backend and timeout)
+    logits_group = dist.new_group([first, last], timeout=collective_timeout()) if first != last else None
+    route = StepRoute(mesh, dist.get_rank(), plan_group, mesh.get_group("pp"), logits_group, device, dtype,
+                      args.dim, args.vocab_size)
+    return route, [g for g in (plan_group, logits_group) if g not in (None, dist.GroupMember.NON_GROUP_MEMBER)]
 
 
 def _build_stage_model(source, args, dims: ParallelDims, mesh, layers: range, dtype: torch.dtype,
