@@ -34,8 +34,9 @@ So a decoded token of SmolLM2 (30 layers) costs at TP 3 each rank 61 all-reduces
 states, logits), whatever the number of sequences in the step.
 
 On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the decode
-path communicates outside this budget): each helper is one operation: a broadcast, a send, a receive, an
-all-reduce, an all-gather. Nothing else: no barrier, no other collective, nothing per request. In a bf16 (or
+path communicates outside this budget): each helper is one operation: a send, a receive, an all-reduce, an
+all-gather. Nothing else: no barrier, no other collective, nothing per request (joins, leaves and new tokens
+are all in the plans). In a bf16 (or
 fp16) model on CPU the ``tp_all_reduce`` after ``wo`` and ``w2`` carries float32 partial sums (rounded once,
 after the sum, as one process's linear rounds: see ``RowwiseLinear``), twice the bytes of the model's dtype;
 the embedding's stays in the model's dtype (its sum adds zeros: exact).
