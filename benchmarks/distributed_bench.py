@@ -11,7 +11,10 @@ Rows (each a median over --runs runs, after one warm-up, in processes started fo
 - tpN explicit: a reference written here, a hand-sharded model doing a plain ``dist.all_reduce``
   after wo and w2 and an all-gather of the logits (the least a TP step can cost); the ratio
   "tpN step / explicit step" measures what the generator's TP adds on top (target: at most 1.3);
-- pp2 x B: DistributedGenerator with --pp 2 and B sequences (B > 1: aggregate tokens/s);
+- pp2 x B sequences: DistributedGenerator with --pp 2, one request of B samples (B > 1: aggregate tokens/s);
+- pp2 x 4 requests at once / one at a time: 4 requests of distinct prompts submitted together (continuous
+  batching: two groups of sequences in the pipe) or one after the other; aggregate tokens/s over the wall time,
+  prompts included, and the ratio of the two (the issue's target: at least 1.5);
 - tpN x pp2: both.
 
 Every process of a row runs on this machine; with fewer cores than processes the ranks compete
@@ -58,8 +61,10 @@ class Case:
     name: str
     tp: int = 1
     pp: int = 1
-    batch: int = 1
+    batch: int = 1  # sequences: samples of one request, or requests (modes "together", "one by one")
     impl: str = "generator"  # "local", "generator" (DistributedGenerator) or "explicit" (the reference here)
+    mode: str = "samples"  # "samples": one request of `batch` samples (decode tok/s); "together" / "one by one":
+    # `batch` requests submitted at once / each after the previous ended (new tokens / wall time)
 
     @property
     def world(self) -> int:
@@ -85,6 +90,9 @@ class Spec:
         return ModelSource("bench", checkpoint_path=Path(self.checkpoint), tokenizer_path=Path(self.tokenizer))
 
 
+TOGETHER, ONE_BY_ONE = "pp2 x 4 requests at once", "pp2 x 4 requests one at a time"
+
+
 def cases_for(tp: int) -> list[Case]:
     return [Case("local", impl="local"),
             Case(f"tp{tp}", tp=tp),
@@ -92,6 +100,8 @@ def cases_for(tp: int) -> list[Case]:
             Case("pp2 x 1 sequence", pp=2),
             Case("pp2 x 2 sequences", pp=2, batch=2),
             Case("pp2 x 4 sequences", pp=2, batch=4),
+            Case(TOGETHER, pp=2, batch=4, mode="together"),
+            Case(ONE_BY_ONE, pp=2, batch=4, mode="one by one"),
             Case(f"tp{tp} x pp2", tp=tp, pp=2)]
 
 
@@ -117,21 +127,54 @@ def write_random_model(directory: Path, args: ModelArgs) -> tuple[Path, Path]:
 
 # ----- measuring, in each rank -----
 
-def measure(generator, spec: Spec, batch: int) -> list[float]:
-    """Aggregate decode tokens/s of each run (after a warm-up run); stop tokens are ignored."""
+def measure(generator, spec: Spec, case: Case) -> list[float]:
+    """Aggregate tokens/s of each run (after a warm-up run), on the I/O rank; stop tokens are ignored. The other
+    ranks of a DistributedGenerator follow rank 0's steps until it ends the session (and return nothing)."""
+    if not generator.is_io_rank:
+        generator.follow()
+        return []
+    try:
+        run_once = _samples_rate if case.mode == "samples" else _requests_rate
+        rates = [run_once(generator, spec, case) for _ in range(spec.runs + 1)]
+        return rates[1:]  # the first run warms up
+    finally:
+        generator.end_session()
+
+
+def _prompt(spec: Spec, i: int = 0) -> list[int]:
+    return [(7 * k + 3 + i) % 256 for k in range(spec.prompt_tokens)]
+
+
+def _samples_rate(generator, spec: Spec, case: Case) -> float:
+    """One request of ``case.batch`` samples: decode tokens/s over them all."""
     from torchchat.generate.base import GenerationArgs, Turn
 
-    generator.stop_ids = frozenset()  # random weights: always generate the full count
-    prompt = [(7 * i + 3) % 256 for i in range(spec.prompt_tokens)]
-    turn = Turn(prompt, GenerationArgs(max_new_tokens=spec.new_tokens, temperature=0, num_samples=batch))
-    rates = []
-    for run in range(spec.runs + 1):
-        for _ in generator.generate_tokens(turn):
-            pass
-        stats = generator.last_stats
-        if run:  # the first run warms up
-            rates.append(batch * stats.decode_tok_s)
-    return rates
+    args = GenerationArgs(max_new_tokens=spec.new_tokens, temperature=0, num_samples=case.batch)
+    for _ in generator.generate_tokens(Turn(_prompt(spec), args)):
+        pass
+    return case.batch * generator.last_stats.decode_tok_s
+
+
+def _requests_rate(generator, spec: Spec, case: Case) -> float:
+    """``case.batch`` requests of distinct prompts, at once or one after the other: new tokens / wall time."""
+    from torchchat.generate.base import GenerationArgs, Turn
+
+    turns = [Turn(_prompt(spec, i), GenerationArgs(max_new_tokens=spec.new_tokens, temperature=0))
+             for i in range(case.batch)]
+    t0 = time.perf_counter()
+    if case.mode == "together":
+        requests = [generator.submit(turn, stops=False) for turn in turns]
+        while not all(r.done for r in requests):
+            generator.step()
+    else:
+        requests = []
+        for turn in turns:
+            requests.append(generator.submit(turn, stops=False))
+            generator.run_until(requests[-1])
+    elapsed = time.perf_counter() - t0
+    if failed := [r.error for r in requests if r.error is not None]:
+        raise failed[0]
+    return sum(len(r.completions[0].tokens) for r in requests) / elapsed
 
 
 def build(case: Case, spec: Spec, device: str = "cpu"):
@@ -224,7 +267,7 @@ def _rank_main(rank: int, cases: list[Case], spec: Spec, port: int, out: str):
             generator = build(case, spec)
             try:
                 dist.barrier()
-                results[case.name] = measure(generator, spec, case.batch)
+                results[case.name] = measure(generator, spec, case)
             finally:
                 close = getattr(generator, "close", None)
                 if close:
@@ -273,17 +316,28 @@ def step_ratio(rows: list[dict], tp: int) -> float | None:
     return round(ref_rate / tp_rate, 3) if tp_rate and ref_rate else None
 
 
-def print_table(rows: list[dict], ratio: float | None, tp: int, header: str):
+def together_ratio(rows: list[dict]) -> float | None:
+    """4 requests at once over one at a time through 2 stages (aggregate tokens/s)."""
+    by_name = {r["name"]: r["decode_tok_s"] for r in rows}
+    together, one_by_one = by_name.get(TOGETHER), by_name.get(ONE_BY_ONE)
+    return round(together / one_by_one, 3) if together and one_by_one else None
+
+
+def print_table(rows: list[dict], ratio: float | None, tp: int, header: str, pp_ratio: float | None = None):
     print(header)
-    print(f"{'setup':<28} {'procs':>5} {'seqs':>4} {'decode tok/s':>13} {'vs local':>9}  runs")
+    print(f"{'setup':<32} {'procs':>5} {'seqs':>4} {'decode tok/s':>13} {'vs local':>9}  runs")
     for r in rows:
         vs = f"{r['vs_local']:.2f}x" if r["vs_local"] is not None else ""
         runs = " ".join(f"{x:.1f}" for x in r["runs_tok_s"])
-        print(f"{r['name']:<28} {r['processes']:>5} {r['batch']:>4} {r['decode_tok_s']:>13.2f} {vs:>9}  {runs}")
+        print(f"{r['name']:<32} {r['processes']:>5} {r['batch']:>4} {r['decode_tok_s']:>13.2f} {vs:>9}  {runs}")
     if ratio is not None:
         print(f"\ntp{tp} step time / explicit all-reduce step time: {ratio:.2f} (target <= 1.3)")
+    if pp_ratio is not None:
+        print(f"pp2, 4 requests at once / one at a time: {pp_ratio:.2f}x (target >= 1.5; the 2 ranks share "
+              f"{os.cpu_count()} cores)")
     print(f"\nAll processes share this machine's {os.cpu_count()} cores: with more ranks than cores they compete "
-          f"for them, so these figures show overheads, not speed-ups. Batch > 1: tokens/s summed over sequences.")
+          f"for them, so these figures show overheads, not speed-ups. Batch > 1: tokens/s summed over sequences; "
+          f"the request rows count the prompts' time too (new tokens / wall time).")
 
 
 def main(argv=None) -> int:
@@ -319,17 +373,17 @@ def main(argv=None) -> int:
             spec = replace(spec, prompt_tokens=8, new_tokens=8, runs=1)
         t0 = time.perf_counter()
         rows = rows_of(cases, run_all(cases, spec))
-    ratio = step_ratio(rows, tp)
+    ratio, pp_ratio = step_ratio(rows, tp), together_ratio(rows)
     header = (f"model: {shape}, {spec.dtype}; prompt {spec.prompt_tokens} tokens, {spec.new_tokens} greedy tokens, "
               f"median of {spec.runs} run(s); threads per process: {spec.threads or 'cores / processes'}; "
               f"{time.perf_counter() - t0:.0f} s")
     if a.json:
         print(json.dumps({"model": shape, "prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens,
                           "runs": spec.runs, "threads": spec.threads, "cpu_count": os.cpu_count(),
-                          "tp_over_explicit_step": ratio,
+                          "tp_over_explicit_step": ratio, "pp_together_over_one_by_one": pp_ratio,
                           "rows": rows}, indent=1))
     else:
-        print_table(rows, ratio, tp, header)
+        print_table(rows, ratio, tp, header, pp_ratio)
     return 0
 
 

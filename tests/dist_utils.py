@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "torch.distributed.tensor.parallel",
-            "torchchat.model", "torchchat.generate.base"]
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor.parallel", "torchchat.model",
+            "torchchat.generate.base"]
 
 
 class RanksFailed(AssertionError):

@@ -115,12 +115,16 @@ def test_sigint_to_the_launcher_alone_ends_a_chat(long_model, marker, tmp_path):
 TIMEOUT_S = 10  # TORCHCHAT_DIST_TIMEOUT_S for the next test (default 60)
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
-def test_a_rank_whose_peer_died_or_hung_exits_3_with_one_line(fault, long_model, marker, tmp_path):
+@pytest.mark.parametrize("fault, layout",
+                         [(signal.SIGKILL, "--tp"), (signal.SIGSTOP, "--tp"), (signal.SIGSTOP, "--pp")],
+                         ids=["killed", "hung", "hung-pp2"])
+def test_a_rank_whose_peer_died_or_hung_exits_3_with_one_line(fault, layout, long_model, marker, tmp_path):
     """Two ranks started by hand, as torchrun starts them (no launcher to sum up their exit codes). Rank 1
     killed: rank 0's next collective fails at once. Rank 1 stopped (SIGSTOP: alive, silent): rank 0's
-    collective waits TORCHCHAT_DIST_TIMEOUT_S, then fails. Either way rank 0 says so in one line, exit 3."""
-    cmd = torchchat("generate", *long_model, *LONG, "--tp", "2")
+    collective (TP), or its wait for a step's logits (PP), waits TORCHCHAT_DIST_TIMEOUT_S, then fails, although
+    the plans travel on a group whose waits may last days (a chat's). Either way rank 0 says so in one line,
+    exit 3."""
+    cmd = torchchat("generate", *long_model, *LONG, layout, "2")
     envs = [{**env, "TORCHCHAT_DIST_TIMEOUT_S": str(TIMEOUT_S)} for env in rank_envs(2)]
     ranks = [Job(cmd, tmp_path, marker, env=env) for env in envs]
     try:
@@ -142,4 +146,6 @@ def test_a_rank_whose_peer_died_or_hung_exits_3_with_one_line(fault, long_model,
     if fault == signal.SIGKILL:
         assert elapsed < TIMEOUT_S  # measured 0.9 s: not the timeout
     else:  # the collective under way when rank 1 stopped started at most a token earlier
-        assert TIMEOUT_S - 1 <= elapsed <= TIMEOUT_S + 15, elapsed  # measured 11.2 s
+        # One timeout, not two: a rank whose step failed does not wait again to end the session (measured 11.9 s,
+        # TP and PP; 21.5 s when it sent the followers an end-of-session plan after the failure)
+        assert TIMEOUT_S - 1 <= elapsed < 2 * TIMEOUT_S - 1, elapsed

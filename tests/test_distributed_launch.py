@@ -163,7 +163,8 @@ def test_smollm2_tp2_names_its_heads(smollm2_gguf, marker, tmp_path):
 
 def test_benchmark_quick_json():
     """The smoke mode CI runs, on the rows of 1 and 2 processes (TP x PP parity is tested above)."""
-    rows = ["local", "tp2", "tp2 explicit all-reduce", "pp2 x 2 sequences"]
+    rows = ["local", "tp2", "tp2 explicit all-reduce", "pp2 x 2 sequences", "pp2 x 4 requests at once",
+            "pp2 x 4 requests one at a time"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed_bench.py"), "--quick", "--json",
                            "--only", *rows], capture_output=True, text=True, timeout=300, cwd=ROOT, env=job_env())
     assert proc.returncode == 0, proc.stderr
@@ -172,5 +173,5 @@ def test_benchmark_quick_json():
     for row in report["rows"]:
         assert row["decode_tok_s"] > 0 and len(row["runs_tok_s"]) == 1
         assert row["processes"] == row["tp"] * row["pp"] and row["vs_local"] > 0
-    assert report["rows"][3]["batch"] == 2
-    assert report["tp_over_explicit_step"] > 0
+    assert [row["batch"] for row in report["rows"][3:]] == [2, 4, 4]
+    assert report["tp_over_explicit_step"] > 0 and report["pp_together_over_one_by_one"] > 0

@@ -1,9 +1,13 @@
 """DistributedGenerator against LocalGenerator: the same tokens, token for token, on real processes.
 
-Every TP x PP factorization that fits the tiny fixed-seed model (8 query / 4 KV heads, 4 layers),
-several sequences at once through the pipeline (microbatches), a two-turn chat, and the real
-SmolLM2 GGUF (9 / 3 heads, 30 layers: TP 3, PP 2, PP 3). Each job runs with a timeout, and every
-rank's tokens are compared, not rank 0's alone (each rank yields the tokens it decided on).
+Every TP x PP factorization that fits the tiny fixed-seed model (8 query / 4 KV heads, 4 layers); several
+requests in flight at once, joining at different steps (TP 2, PP 2, TP 2 x PP 2), each getting the tokens
+LocalGenerator gives it alone; a two-turn chat; and the real SmolLM2 GGUF (9 / 3 heads, 30 layers: TP 3,
+PP 2 with 4 requests at once, PP 3). Rank 0 schedules and samples: it holds every request's tokens; the
+other ranks follow and hold none (checked too).
+
+Each layout starts its processes once (``launched``): one job runs every case of that layout in turn, each
+on a generator of its own, with a timeout.
 """
 
 from __future__ import annotations
@@ -13,19 +17,20 @@ import io
 import pytest
 import torch
 
-from tests.dist_utils import assert_every_rank, run_ranks
+from tests.dist_utils import run_ranks
 from tests.generators import load_parts, local_generator, scripted_user, tiny_source
 from torchchat import cpu as cpu_kernels
 from torchchat.catalog import ModelSource
 from torchchat.checkpoint import load_model, read_model_args
 from torchchat.distributed.parallel_dims import ParallelDims
-from torchchat.generate.base import GenerationArgs
+from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.errors import ConfigError
 from torchchat.model import KNOWN_MODELS, ModelArgs
 
 GREEDY = GenerationArgs(max_new_tokens=16, temperature=0, top_k=None)
 PROMPT = "The quick brown fox"
 CHAT = ["Hello there", "Tell me more"]
+CHAT_ARGS = GenerationArgs(max_new_tokens=12, temperature=0)
 
 
 def _build(source: ModelSource, world: int, tp: int, pp: int, **kwargs):
@@ -39,108 +44,245 @@ def _build(source: ModelSource, world: int, tp: int, pp: int, **kwargs):
                                             **kwargs)
 
 
-def generate_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, runs: list, kwargs: dict):
-    """Each (prompt, args) of ``runs`` through run_generate; every rank returns its tokens."""
-    return variants_worker(rank, world, source, tp, pp, [(kwargs, runs)])[0]
+# ----- what each rank runs: cases, one generator each, in one launch of the processes -----
 
-
-def variants_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, variants: list):
-    """generate_worker for each (kwargs, runs) of ``variants`` in turn, in one launch of the processes."""
-    results = []
-    for kwargs, runs in variants:
+def layout_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, cases: dict):
+    """Each case of ``cases`` (name -> (kind, generator kwargs, payload)) on a generator of its own."""
+    results = {}
+    for name, (kind, kwargs, payload) in cases.items():
         gen = _build(source, world, tp, pp, **kwargs)
         try:
-            results.append([[c.tokens for c in gen.run_generate(prompt if rank == 0 else None, args)]
-                            for prompt, args in runs])
+            results[name] = CASE_KINDS[kind](gen, rank, payload)
         finally:
             gen.close()
     return results
 
 
-def chat_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, lines: list[str], args):
-    """A chat fed by a scripted user on rank 0: rank 0's transcript, and every rank's replies (tokens)."""
-    gen = _build(source, world, tp, pp, max_seq_len=256)
+def generate_case(gen, rank: int, runs: list):
+    """run_generate for each (prompt, args): rank 0's tokens; the other ranks follow and return None."""
+    return [_tokens(gen.run_generate(prompt if rank == 0 else None, args)) for prompt, args in runs]
+
+
+def schedule_case(gen, rank: int, schedule: list):
+    """Rank 0 submits each (at_step, prompt, args) of ``schedule`` once it has run ``at_step`` steps, and steps
+    until every request ended: several requests in flight, joining while others decode. Every request's
+    tokens, on rank 0; the other ranks follow."""
+    if rank != 0:
+        return gen.follow()
+    in_flight = _count_in_flight(gen)
     try:
-        replies = _recording_replies(gen)
-        assert gen.run_chat(args, scripted_user(lines) if rank == 0 else _never_called) == len(replies)
-        return gen.out.getvalue(), replies
+        pending, requests, steps = list(schedule), [], 0
+        while pending or not all(r is None or r.done for r in requests):
+            while pending and pending[0][0] <= steps:
+                _, prompt, args = pending.pop(0)
+                requests.append(_submit(gen, prompt, args))
+            gen.step()
+            steps += 1
     finally:
-        gen.close()
+        gen.end_session()
+    for r in requests:
+        if r is not None and r.error is not None:
+            raise r.error
+    return [REFUSED if r is None else _tokens(r.completions) for r in requests], max(in_flight)
+
+
+REFUSED = "refused"
+
+
+def _submit(gen, prompt: str, args):
+    """The request, or None where rank 0 refuses it (it never reaches the other ranks)."""
+    try:
+        return gen.submit(Turn(gen.encode_prompt(prompt), args))
+    except ConfigError:
+        return None
+
+
+def _count_in_flight(gen) -> list[int]:
+    """Steps started and not yet finished, after each start (the pipeline's depth as the schedule uses it)."""
+    seen, start, finish = [0], gen.start, gen.finish
+
+    def counted_start(step):
+        start(step)
+        seen.append(seen[-1] + 1)
+
+    def counted_finish():
+        seen.append(seen[-1] - 1)
+        return finish()
+    gen.start, gen.finish = counted_start, counted_finish
+    return seen
+
+
+def chat_case(gen, rank: int, lines: list[str]):
+    """A chat fed by a scripted user on rank 0: its transcript and the replies' tokens (rank 0)."""
+    replies = _recording_replies(gen)
+    assert gen.run_chat(CHAT_ARGS, scripted_user(lines) if rank == 0 else _never_called) == len(replies)
+    return gen.out.getvalue(), replies
+
+
+def kernel_case(gen, rank: int, _payload):
+    """Which of this rank's attention layers send decode steps to the CPU attention op, does the rank send
+    its batch-1 decode steps through the CPU block op, and the types of its linear layers."""
+    model = gen.part.model
+    attention = [layer.attention.decode_attention is torch.ops.torchchat.decode_attention
+                 for layer in model.layers.values()]
+    modules = list(model.modules()) + ([gen.part.output] if gen.part.output is not None else [])
+    linears = {type(m).__name__ for m in modules if hasattr(m, "weight") and m.weight.dim() == 2
+               and not isinstance(m, torch.nn.Embedding)}
+    return attention, isinstance(model.decode_layers, cpu_kernels.FusedDecode), linears
+
+
+CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case}
+
+
+def _tokens(completions):
+    return None if completions is None else [c.tokens for c in completions]
 
 
 def _recording_replies(gen) -> list:
-    """The tokens of every reply ``gen`` completes from now on (the chat session calls ``gen.complete``)."""
-    replies, complete = [], gen.complete
+    """The tokens of every reply ``gen`` completes from now on (the chat session calls ``gen.run_until``)."""
+    replies, run_until = [], gen.run_until
 
-    def recording(turn, on_text=None):
-        completions = complete(turn, on_text)
-        replies.append([c.tokens for c in completions])
-        return completions
-    gen.complete = recording
+    def recording(request):
+        run_until(request)
+        replies.append(_tokens(request.completions))
+    gen.run_until = recording
     return replies
-
-
-def kernel_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int):
-    """Which of this rank's attention layers send decode steps to the CPU attention op, does the rank send
-    its batch-1 decode steps through the CPU block op, and the types of its linear layers."""
-    gen = _build(source, world, tp, pp, max_seq_len=64)
-    try:
-        model = gen.runner.model if pp == 1 else gen.runner.module.model
-        attention = [layer.attention.decode_attention is torch.ops.torchchat.decode_attention
-                     for layer in model.layers.values()]
-        linears = {type(m).__name__ for m in model.modules() if hasattr(m, "weight") and m.weight.dim() == 2
-                   and not isinstance(m, torch.nn.Embedding)}
-        return attention, isinstance(model.decode_layers, cpu_kernels.FusedDecode), linears
-    finally:
-        gen.close()
 
 
 def _never_called():
     raise AssertionError("only rank 0 reads the user")
 
 
-def _local_tokens(source, runs, max_seq_len, dtype=None, block_op=True):
-    """LocalGenerator's tokens; ``block_op=False``: its batch-1 decode steps through the modules instead of the
-    CPU block op (``Transformer.decode_layers``), as a TP rank runs them."""
+def assert_followers_hold_nothing(results: list, case: str):
+    """The ranks other than 0 keep no request state: they returned no tokens."""
+    held = [rank for rank, r in enumerate(results[1:], 1) if r[case] not in (None, [None] * len(r[case] or []))]
+    assert not held, f"{case}: rank(s) {held} returned tokens: only rank 0 holds the requests"
+
+
+# ----- what LocalGenerator gives -----
+
+def _local(source, max_seq_len, dtype=None, block_op=True, **kwargs):
+    """A LocalGenerator; ``block_op=False``: its batch-1 decode steps through the modules instead of the CPU block
+    op (``Transformer.decode_layers``), as a TP rank runs them."""
     if dtype is None:
-        gen = local_generator(source, max_seq_len=max_seq_len, max_batch=4)
+        gen = local_generator(source, max_seq_len=max_seq_len, max_batch=4, **kwargs)
     else:
         from torchchat.generate.local import DTYPES, LocalGenerator
 
         _, tokenizer, chat_format = load_parts(source)
         model = load_model(source, read_model_args(source), dtype=DTYPES[dtype])
         gen = LocalGenerator(model, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=4,
-                             out=io.StringIO(), err=io.StringIO())
+                             out=io.StringIO(), err=io.StringIO(), **kwargs)
     if not block_op:
         gen.model.decode_layers = None
-    return [[c.tokens for c in gen.run_generate(prompt, args)] for prompt, args in runs]
+    return gen
+
+
+def _local_tokens(source, runs, max_seq_len, dtype=None, block_op=True):
+    gen = _local(source, max_seq_len, dtype, block_op)
+    return [_tokens(gen.run_generate(prompt, args)) for prompt, args in runs]
+
+
+def _local_alone(source, schedule, max_seq_len, **kwargs):
+    """Each request of a schedule alone through LocalGenerator, one after the other (no prefix reuse: each
+    prompt is fed whole, as in the schedule)."""
+    gen = _local(source, max_seq_len, prefix_reuse=False, **kwargs)
+    return [REFUSED if (request := _submit(gen, prompt, args)) is None else _alone(gen, request)
+            for _, prompt, args in schedule]
+
+
+def _alone(gen, request):
+    gen.run_until(request)
+    return _tokens(request.completions)
 
 
 TINY_RUNS = [(PROMPT, GREEDY),
              ("Once upon a time, in a land far away", GenerationArgs(max_new_tokens=8, temperature=0))]
-# Several sequences: greedy (all alike), and sampled with a seed (they differ, so each microbatch
-# must use its own rows of the KV cache to match).
+# Several sequences of one request: greedy (all alike), and sampled with a seed (they differ, so each must use
+# its own row of the KV cache to match). The generator starts with one cache row: every rank grows its caches
+# when rank 0 says so (a resize plan).
 BATCH_RUNS = [(PROMPT, GenerationArgs(max_new_tokens=12, temperature=0, num_samples=3)),
               (PROMPT, GenerationArgs(max_new_tokens=12, temperature=1.0, top_k=None, seed=7, num_samples=4))]
+# Requests joining at different steps (the number of steps run before each is submitted), in 4 cache rows and
+# prompt chunks of 8 tokens: A's prompt takes 5 chunks while B decodes; C's two seeded samples join at step 3;
+# a request that cannot fit is refused on rank 0 alone; D finds every row taken and joins when B leaves. Seeded
+# sampling too: a sequence draws from its own generator on rank 0, whatever runs beside it.
+SCHEDULE = [(0, "Once upon a time, in a land far away", GenerationArgs(max_new_tokens=16, temperature=0)),
+            (0, "Hello there", GenerationArgs(max_new_tokens=10, temperature=0.8, top_k=50, seed=11)),
+            (3, "The capital of France is", GenerationArgs(max_new_tokens=12, temperature=1.0, seed=5,
+                                                           num_samples=2)),
+            (4, "x" * 200, GenerationArgs(max_new_tokens=10, temperature=0)),  # longer than the context: refused
+            (6, "In the beginning", GenerationArgs(max_new_tokens=10, temperature=0))]
+SCHEDULE_KWARGS = {"max_seq_len": 128, "max_batch": 4, "prefill_chunk": 8}
+
+# Which cases run on which layout of the tiny model (one launch each).
+BATCH_LAYOUTS = [(1, 2), (2, 2)]
+SCHEDULE_LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+CHAT_LAYOUTS = [(2, 1), (1, 2)]
+KERNEL_LAYOUTS = [(2, 1), (1, 2)]
+
+
+def tiny_cases(tp: int, pp: int) -> dict:
+    cases = {"greedy": ("generate", {"max_seq_len": 64}, TINY_RUNS)}
+    if (tp, pp) in BATCH_LAYOUTS:
+        cases["batch"] = ("generate", {"max_seq_len": 64}, BATCH_RUNS)
+    if (tp, pp) in SCHEDULE_LAYOUTS:
+        cases["schedule"] = ("schedule", SCHEDULE_KWARGS, SCHEDULE)
+    if (tp, pp) in CHAT_LAYOUTS:
+        cases["chat"] = ("chat", {"max_seq_len": 256}, CHAT)
+    if (tp, pp) in KERNEL_LAYOUTS and cpu_kernels.available():
+        cases["kernels"] = ("kernels", {"max_seq_len": 64}, None)
+    if (tp, pp) == (1, 2):
+        cases["bf16"] = ("generate", {"max_seq_len": 64, "dtype": "bf16"}, TINY_RUNS)
+    if (tp, pp) == (2, 1):
+        cases["dtensor"] = ("generate", {"max_seq_len": 64, "localize_tp": False}, TINY_RUNS[:1])
+        cases["tp_bf16"] = ("generate", {"max_seq_len": 128, "dtype": "bf16"}, BF16_RUNS)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_model):
+    """launched(tp, pp): every rank's results of every case of that layout, from one launch (cached)."""
+    source, done = tiny_source(tiny_model), {}
+
+    def launch(tp: int, pp: int) -> list[dict]:
+        if (tp, pp) not in done:
+            done[(tp, pp)] = run_ranks(layout_worker, tp * pp, source, tp, pp, tiny_cases(tp, pp), timeout=300)
+        return done[(tp, pp)]
+    return launch
+
+
+def rank0(results: list[dict], case: str):
+    assert_followers_hold_nothing(results, case)
+    return results[0][case]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2)], ids=lambda v: str(v))
-def test_tiny_greedy_matches_local(tiny_model, tp, pp):
-    source = tiny_source(tiny_model)
-    expected = _local_tokens(source, TINY_RUNS, 64)
-    results = run_ranks(generate_worker, tp * pp, source, tp, pp, TINY_RUNS, {"max_seq_len": 64}, timeout=90)
-    assert_every_rank(results, expected, f"tp {tp}, pp {pp}")
+def test_tiny_greedy_matches_local(tiny_model, launched, tp, pp):
+    expected = _local_tokens(tiny_source(tiny_model), TINY_RUNS, 64)
+    assert rank0(launched(tp, pp), "greedy") == expected, f"tp {tp}, pp {pp}"
+
+
+@pytest.mark.parametrize("tp,pp", SCHEDULE_LAYOUTS, ids=lambda v: str(v))
+def test_requests_joining_at_different_steps_each_match_local_alone(tiny_model, launched, tp, pp):
+    expected = _local_alone(tiny_source(tiny_model), SCHEDULE, 128, prefill_chunk=8)
+    assert len({tuple(seq) for seq in expected[2]}) == 2, "the seeded samples should differ"
+    assert expected[3] == REFUSED
+    got, depth = rank0(launched(tp, pp), "schedule")
+    parted = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert not parted, f"tp {tp}, pp {pp}: requests {parted} differ from LocalGenerator's alone:\n{got}\n{expected}"
+    assert depth == pp, f"{depth} steps in flight at most: a pipeline of {pp} stages keeps one group in each"
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=lambda v: str(v))
-def test_cpu_ranks_attend_through_the_kernel(tiny_model, tp, pp):
+@pytest.mark.parametrize("tp,pp", KERNEL_LAYOUTS, ids=lambda v: str(v))
+def test_cpu_ranks_attend_through_the_kernel(tiny_model, launched, tp, pp):
     """Every layer of every rank (a TP shard's local heads, a stage's own layers): the parity tests above
     then compare those ranks' tokens with LocalGenerator's. A pipeline stage without TP also runs its layers'
     decode step in one block-op call, as LocalGenerator does; a TP rank's layers all-reduce inside the block,
     so it keeps the modules, its one-row linears through the gemv op all the same (no plain nn.Linear left:
     localize's row-wise and output layers call it themselves)."""
-    results = run_ranks(kernel_worker, tp * pp, tiny_source(tiny_model), tp, pp, timeout=90)
+    results = [r["kernels"] for r in launched(tp, pp)]
     layers = tiny_model.args.n_layers
     assert [len(attention) for attention, _, _ in results] == ([layers] * tp if pp == 1 else [layers // pp] * pp)
     assert all(all(attention) for attention, _, _ in results)
@@ -149,21 +291,17 @@ def test_cpu_ranks_attend_through_the_kernel(tiny_model, tp, pp):
     assert [linears for _, _, linears in results] == [expected] * (tp * pp)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=lambda v: str(v))
-def test_tiny_several_sequences_through_the_pipeline(tiny_model, tp, pp):
-    source = tiny_source(tiny_model)
-    expected = _local_tokens(source, BATCH_RUNS, 64)
+@pytest.mark.parametrize("tp,pp", BATCH_LAYOUTS, ids=lambda v: str(v))
+def test_tiny_several_sequences_through_the_pipeline(tiny_model, launched, tp, pp):
+    expected = _local_tokens(tiny_source(tiny_model), BATCH_RUNS, 64)
     assert len({tuple(seq) for seq in expected[1]}) > 1, "the sampled sequences should differ"
-    results = run_ranks(generate_worker, tp * pp, source, tp, pp, BATCH_RUNS, {"max_seq_len": 64}, timeout=90)
-    assert_every_rank(results, expected, f"tp {tp}, pp {pp}, several sequences")
+    assert rank0(launched(tp, pp), "batch") == expected, f"tp {tp}, pp {pp}, several sequences"
 
 
-def test_pipeline_in_bf16(tiny_model):
+def test_pipeline_in_bf16(tiny_model, launched):
     """Activations cross stages in the model's dtype (receive buffers too): bf16 matches bf16 locally."""
-    source = tiny_source(tiny_model)
-    expected = _local_tokens(source, TINY_RUNS, 64, dtype="bf16")
-    results = run_ranks(generate_worker, 2, source, 1, 2, TINY_RUNS, {"max_seq_len": 64, "dtype": "bf16"}, timeout=90)
-    assert_every_rank(results, expected, "pp 2, bf16")
+    expected = _local_tokens(tiny_source(tiny_model), TINY_RUNS, 64, dtype="bf16")
+    assert rank0(launched(1, 2), "bf16") == expected
 
 
 # TP 2 in bf16: 8 prompts of 32 greedy tokens (the byte tokenizer: a prompt's length in tokens is its length
@@ -181,60 +319,62 @@ BF16_RUNS = [(prompt, GenerationArgs(max_new_tokens=32, temperature=0)) for prom
 BF16_TP2_PARTED_AT_MOST = 1
 
 
-@pytest.fixture(scope="module")
-def tp2_variants(tiny_model):
-    """One launch of 2 TP ranks for two variants: DTensor's own path (fp32), then the hot path in bf16."""
-    source = tiny_source(tiny_model)
-    variants = [({"max_seq_len": 64, "localize_tp": False}, TINY_RUNS[:1]),
-                ({"max_seq_len": 128, "dtype": "bf16"}, BF16_RUNS)]
-    dtensor, bf16 = zip(*run_ranks(variants_worker, 2, source, 2, 1, variants, timeout=120))
-    return source, list(dtensor), list(bf16)
-
-
-def test_tensor_parallel_dtensor_reference_matches(tp2_variants):
+def test_tensor_parallel_dtensor_reference_matches(tiny_model, launched):
     """The plain-tensor hot path and DTensor's own (the plan's meaning) give the same tokens."""
-    source, results, _ = tp2_variants
-    assert_every_rank(results, _local_tokens(source, TINY_RUNS[:1], 64), "tp 2, DTensor")
+    expected = _local_tokens(tiny_source(tiny_model), TINY_RUNS[:1], 64)
+    assert rank0(launched(2, 1), "dtensor") == expected, "tp 2, DTensor"
 
 
-def test_tensor_parallel_in_bf16(tp2_variants):
-    """Every rank yields one bf16 process's tokens when it runs the modules; LocalGenerator's but for the rare
+def test_tensor_parallel_in_bf16(tiny_model, launched):
+    """Rank 0 yields one bf16 process's tokens when it runs the modules; LocalGenerator's but for the rare
     near tie (see above)."""
-    source, _, results = tp2_variants
-    assert_every_rank(results, _local_tokens(source, BF16_RUNS, 128, dtype="bf16", block_op=False),
-                      "tp 2 bf16 vs one process's modules")
+    source, results = tiny_source(tiny_model), rank0(launched(2, 1), "tp_bf16")
+    assert results == _local_tokens(source, BF16_RUNS, 128, dtype="bf16", block_op=False), \
+        "tp 2 bf16 vs one process's modules"
     expected = _local_tokens(source, BF16_RUNS, 128, dtype="bf16")
-    parted = [prompt for prompt, got, want in zip(BF16_PROMPTS, results[0], expected) if got != want]
+    parted = [prompt for prompt, got, want in zip(BF16_PROMPTS, results, expected) if got != want]
     assert len(parted) <= BF16_TP2_PARTED_AT_MOST, f"tp 2 bf16 parted from LocalGenerator's on {parted}"
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=lambda v: str(v))
-def test_chat_transcript_matches_local(tiny_model, tp, pp):
-    source = tiny_source(tiny_model)
-    args = GenerationArgs(max_new_tokens=12, temperature=0)
-    local = local_generator(source, max_seq_len=256)
+@pytest.mark.parametrize("tp,pp", CHAT_LAYOUTS, ids=lambda v: str(v))
+def test_chat_transcript_matches_local(tiny_model, launched, tp, pp):
+    local = local_generator(tiny_source(tiny_model), max_seq_len=256)
     replies = _recording_replies(local)
-    assert local.run_chat(args, scripted_user(CHAT)) == 2
-    results = run_ranks(chat_worker, tp * pp, source, tp, pp, CHAT, args, timeout=90)
-    assert results[0][0] == local.out.getvalue()
-    assert [out for out, _ in results[1:]] == [""] * (tp * pp - 1), "only rank 0 writes"
-    assert_every_rank([tokens for _, tokens in results], replies, f"tp {tp}, pp {pp}, the chat's replies")
+    assert local.run_chat(CHAT_ARGS, scripted_user(CHAT)) == 2
+    results = [r["chat"] for r in launched(tp, pp)]
+    assert results[0] == (local.out.getvalue(), replies)
+    assert results[1:] == [("", [])] * (tp * pp - 1), "only rank 0 writes, and holds the replies"
+
+
+# ----- SmolLM2 -----
+
+SMOLLM2_RUNS = [("The capital of France is", GenerationArgs(max_new_tokens=8, temperature=0))]
+# Four requests at once through 2 stages: two groups of sequences in the pipe, a prompt among them.
+SMOLLM2_SCHEDULE = [(0, "The capital of France is", GenerationArgs(max_new_tokens=8, temperature=0)),
+                    (0, "Once upon a time", GenerationArgs(max_new_tokens=8, temperature=0)),
+                    (0, "The best way to learn a language is", GenerationArgs(max_new_tokens=8, temperature=0)),
+                    (2, "Water boils at", GenerationArgs(max_new_tokens=8, temperature=0))]
+
+
+def smollm2_cases(tp: int, pp: int) -> dict:
+    cases = {"greedy": ("generate", {"max_seq_len": 64}, SMOLLM2_RUNS)}
+    if (tp, pp) == (1, 2):
+        cases["schedule"] = ("schedule", {"max_seq_len": 64, "max_batch": 4}, SMOLLM2_SCHEDULE)
+    return cases
 
 
 @pytest.fixture(scope="module")
-def smollm2_expected(smollm2_gguf):
-    source = ModelSource("smollm2-135m", gguf_path=smollm2_gguf)
-    return source, _local_tokens(source, SMOLLM2_RUNS, 64)
-
-
-SMOLLM2_RUNS = [("The capital of France is", GenerationArgs(max_new_tokens=8, temperature=0))]
+def smollm2(smollm2_gguf):
+    return ModelSource("smollm2-135m", gguf_path=smollm2_gguf)
 
 
 @pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), (1, 3)], ids=lambda v: str(v))
-def test_smollm2_greedy_matches_local(smollm2_expected, tp, pp):
-    source, expected = smollm2_expected
-    results = run_ranks(generate_worker, tp * pp, source, tp, pp, SMOLLM2_RUNS, {"max_seq_len": 64}, timeout=150)
-    assert_every_rank(results, expected, f"smollm2, tp {tp}, pp {pp}")
+def test_smollm2_matches_local(smollm2, tp, pp):
+    results = run_ranks(layout_worker, tp * pp, smollm2, tp, pp, smollm2_cases(tp, pp), timeout=240)
+    assert rank0(results, "greedy") == _local_tokens(smollm2, SMOLLM2_RUNS, 64), f"smollm2, tp {tp}, pp {pp}"
+    if "schedule" in results[0]:
+        expected = _local_alone(smollm2, SMOLLM2_SCHEDULE, 64)
+        assert rank0(results, "schedule") == (expected, pp), f"smollm2, tp {tp}, pp {pp}, 4 requests at once"
 
 
 # ----- user errors, before any process starts -----

@@ -1,10 +1,12 @@
 """The sync budget of torchchat/generate/distributed.py's docstring, counted on real processes.
 
-Each rank counts, per phase (a turn's broadcast, a prefill, the decoded tokens), two things: its calls
-of the helpers in torchchat/distributed/collectives.py, and every communication torch.distributed
-itself starts (``CollectiveCount``, at the dispatcher's c10d and functional-collective ops, so a raw
-``dist.barrier()`` or a DTensor collective is counted as well). Both must equal the docstring's
-formula, written out again here, for TP 2, PP 2 and TP 2 x PP 2 on the tiny model.
+Each rank counts, over a whole session, two things: its calls of the helpers in
+torchchat/distributed/collectives.py, and every communication torch.distributed itself starts
+(``CollectiveCount``, at the dispatcher's c10d and functional-collective ops, so a raw ``dist.barrier()`` or a
+DTensor collective is counted as well). Both must equal the docstring's formula, written out again here, for
+TP 2, PP 2 and TP 2 x PP 2 on the tiny model, given the number of forward steps rank 0 started: prompt chunks
+of 4 tokens, a request of 2 samples (the cache rows grow from 1 to 2: a resize plan), then two requests at once
+(in a pipeline, two steps in flight).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import pytest
 from tests.dist_utils import CollectiveCount, run_ranks
 from tests.generators import tiny_source
 from torchchat.distributed.parallel_dims import ParallelDims
+from dataclasses import replace
+
 from torchchat.generate.base import GenerationArgs, Turn
 
-NEW_TOKENS = 5  # 1 from the prefill, then 4 decode steps
+ARGS = GenerationArgs(max_new_tokens=5, temperature=0)
+PROMPT = [1, 2, 3, 4, 5, 6, 7]  # two chunks of at most 4 tokens
 
 
 def budget_worker(rank: int, world: int, source, tp: int, pp: int):
-    """Count every phase of two turns: the first meets new shapes, the second (same lengths) does not."""
+    """One session, counted; rank 0 also counts the steps it starts."""
     from torchchat.chat_format import chat_format_for
     from torchchat.distributed import collectives
     from torchchat.generate.distributed import DistributedGenerator
@@ -31,82 +36,91 @@ def budget_worker(rank: int, world: int, source, tp: int, pp: int):
 
     tokenizer = load_tokenizer(source)
     gen = DistributedGenerator.from_source(source, tokenizer, chat_format_for(tokenizer, source),
-                                           ParallelDims(tp, pp, world), max_seq_len=64, out=io.StringIO(),
-                                           err=io.StringIO())
-    phases = {}
-
-    def count(name, action):
+                                           ParallelDims(tp, pp, world), max_seq_len=64, prefill_chunk=4,
+                                           out=io.StringIO(), err=io.StringIO())
+    steps = _count_starts(gen)
+    try:
         collectives.reset_counts()
         with CollectiveCount() as wire:
-            result = action()
-        phases[name] = collectives.counts(), dict(wire.counts)
-        return result
-
-    try:
-        for label, batch in (("first", 1), ("again", 1), ("batch2", 2)):
-            args = GenerationArgs(max_new_tokens=NEW_TOKENS, temperature=0, num_samples=batch)
-            mine = Turn([1, 2, 3, 4, 5, 6, 7], args) if rank == 0 else None
-            turn = count(f"{label}.turn", lambda: gen.share_input(mine))
-            steps = gen.generate_tokens(turn)
-            count(f"{label}.prefill", lambda: next(steps))
-            count(f"{label}.decode", lambda: list(steps))
-        count("end", lambda: gen.share_input(None))
-        stage = gen.mesh.get_local_rank("pp")
-        return phases, stage, len(gen.dims.stage_layers(gen.model_args.n_layers)[stage])
+            if rank == 0:
+                _session(gen)
+            else:
+                gen.follow()
+        route = gen.route
+        layers = len(gen.dims.stage_layers(gen.model_args.n_layers)[route.stage])
+        return (collectives.counts(), dict(wire.counts), len(steps) if rank == 0 else None, route.stage,
+                gen.mesh.get_local_rank("tp"), layers)
     finally:
         gen.close()
 
 
-def expected_step(tp: int, pp: int, stage: int, layers: int, microbatches: int, steps: int, new_shape: bool):
-    """The docstring's formula for ``steps`` forward steps on a rank of ``stage`` holding ``layers`` layers."""
+def _session(gen):
+    try:
+        gen.run_until(gen.submit(Turn(PROMPT, replace(ARGS, num_samples=2))))  # 1 -> 2 cache rows first
+        both = [gen.submit(Turn(PROMPT[:k], ARGS)) for k in (3, 6)]
+        while not all(r.done for r in both):
+            gen.step()
+    finally:
+        gen.end_session()
+
+
+def _count_starts(gen) -> list:
+    started, start = [], gen.start
+
+    def counted(step):
+        started.append(step.tokens.shape)
+        start(step)
+    gen.start = counted
+    return started
+
+
+def expected_helpers(tp: int, pp: int, rank: int, stage: int, tp_rank: int, layers: int, steps: int,
+                     control: int) -> dict[str, int]:
+    """The docstring's formula for ``steps`` forward steps and ``control`` plans (resizes, the session's end)."""
     first, last = stage == 0, stage == pp - 1
-    counts = {"broadcast_token": steps}
-    if tp > 1:
-        counts["tp_all_reduce"] = steps * microbatches * (2 * layers + first)
-        if last:
-            counts["tp_all_gather"] = steps * microbatches
+    plans = steps + control
+    counts = {}
+    sends = (tp - 1 if rank == 0 else 0) + (not last)  # rank 0 to its tp peers; every stage to the next
+    if sends:
+        counts["send_plan"] = sends * plans
+    if rank != 0:
+        counts["recv_plan"] = plans
     if pp > 1:
         if not last:
-            counts["send_activation"] = steps * microbatches
+            counts["send_activation"] = steps
         if not first:
-            counts["recv_activation"] = steps * microbatches
-        if new_shape:
-            counts["stage_setup"] = 1
+            counts["recv_activation"] = steps
+        if last and tp_rank == 0:
+            counts["send_logits"] = steps
+        if rank == 0:
+            counts["recv_logits"] = steps
+    if tp > 1:
+        counts["tp_all_reduce"] = steps * (2 * layers + first)
+        if last:
+            counts["tp_all_gather"] = steps
     return counts
 
 
-def on_the_wire(helpers: dict[str, int], stage: int, pp: int) -> dict[str, int]:
-    """The docstring's torch.distributed operations for these helper calls on a rank of ``stage``."""
-    neighbours = (stage > 0) + (stage < pp - 1)
-    per_call = {"broadcast_turn": {"broadcast": 2}, "broadcast_token": {"broadcast": 1},
-                "tp_all_reduce": {"all_reduce": 1}, "tp_all_gather": {"all_gather": 1},
-                "send_activation": {"send": 1}, "recv_activation": {"recv": 1},
-                "stage_setup": {"send": neighbours, "recv": neighbours}}
+def on_the_wire(helpers: dict[str, int]) -> dict[str, int]:
+    """The docstring's torch.distributed operations for these helper calls: one each."""
+    kind = {"send_plan": "send", "recv_plan": "recv", "send_activation": "send",
+            "recv_activation": "recv", "send_logits": "send", "recv_logits": "recv", "tp_all_reduce": "all_reduce",
+            "tp_all_gather": "all_gather"}
     wire = Counter()
     for helper, calls in helpers.items():
-        for kind, n in per_call[helper].items():
-            wire[kind] += calls * n
+        wire[kind[helper]] += calls
     return dict(wire)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=lambda v: str(v))
 def test_counted_collectives_equal_the_budget(tiny_model, tp, pp):
     results = run_ranks(budget_worker, tp * pp, tiny_source(tiny_model), tp, pp, timeout=90)
-    decode_steps = NEW_TOKENS - 1
-    for rank, (phases, stage, layers) in enumerate(results):
-        def step(micro, steps, new):
-            return expected_step(tp, pp, stage, layers, micro, steps, new)
-
-        turn = {"broadcast_turn": 1}
-        micro = 2 if pp > 1 else 1  # two sequences: two microbatches through two stages, else one batch of 2
-        expected = {"first.turn": turn, "first.prefill": step(1, 1, True), "first.decode": step(1, decode_steps, True),
-                    "again.turn": turn, "again.prefill": step(1, 1, False),  # the same shapes: no new stage
-                    "again.decode": step(1, decode_steps, False),
-                    "batch2.turn": turn, "batch2.prefill": step(micro, 1, True),
-                    "batch2.decode": step(micro, decode_steps, True), "end": turn}
-        assert list(phases) == list(expected)
-        for phase, helpers in expected.items():
-            where = f"rank {rank} (stage {stage}, {layers} layers, tp {tp}, pp {pp}), {phase}"
-            counted, wire = phases[phase]
-            assert counted == helpers, where
-            assert wire == on_the_wire(helpers, stage, pp), f"{where}: torch.distributed's own operations"
+    steps = results[0][2]
+    # at least: 2 chunks + 4 decode steps of the samples; 1 + 2 chunks and 4 decode steps of the two requests (more
+    # where a pipeline runs the sequences in a group each)
+    assert steps >= 13, steps
+    for rank, (helpers, wire, _, stage, tp_rank, layers) in enumerate(results):
+        where = f"rank {rank} (stage {stage}, tp rank {tp_rank}, {layers} layers; tp {tp}, pp {pp}; {steps} steps)"
+        expected = expected_helpers(tp, pp, rank, stage, tp_rank, layers, steps, control=2)
+        assert helpers == expected, where
+        assert wire == on_the_wire(expected), f"{where}: torch.distributed's own operations"

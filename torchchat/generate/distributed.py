@@ -5,101 +5,122 @@ Layout: the layers are split into ``pp`` contiguous stages (uneven splits allowe
 8/8/7/7); inside each stage, ``tp`` processes share every layer by the DTensor plan of
 ``torchchat/distributed/tensor_parallel.py`` (heads and feed-forward split, vocab-sharded
 embedding and output), run on plain local shards. Each rank loads only its own layers and shards,
-and its KV cache holds only its own layers and heads. Rank 0 (first stage, tp rank 0) talks to
-the user; tp rank 0 of the last stage samples every token and broadcasts it.
+and its KV cache holds only its own layers and heads, in ``max_batch`` rows.
 
-Sync budget, per process, counted by ``torchchat/distributed/collectives.py`` (names as there)
-and checked by ``tests/test_sync_budget.py``. A rank of stage ``s`` holds ``L_s`` layers; a
-forward step is the prefill of a turn, or one decoded token; ``M`` is the number of microbatches
-(1 for one sequence; up to ``pp`` when ``num_samples`` > 1, see ``pipeline.microbatches``):
+Rank 0 (first stage, tp rank 0) runs the whole ``Generator``: it reads the user, schedules the sequences
+(``scheduler.py``: joins, prompt chunks, decode steps, leaves), samples every token with each sequence's own
+settings and generator, and writes the text. The other ranks keep no state of the requests: ``follow()``
+runs each step's plan (``torchchat/distributed/plan.py``: the rows' tokens, positions and cache rows, in one
+int64 message of a fixed size) until rank 0's ``end_session()``. With pp > 1 the steps overlap
+(``max_in_flight = pp``): rank 0 starts a group of sequences while the others are in the pipe, and each
+group's logits return to it as soon as the last stage has them (``pipeline.StepRoute``).
 
-- per turn: ``broadcast_turn`` 1 (plus 1 when a chat or server session ends: None);
-- per forward step:
-  - ``broadcast_token`` 1 on every rank (the sampled tokens, from the sampling rank);
-  - with tp > 1, per microbatch: ``tp_all_reduce`` 2 * L_s (after wo and w2 of each layer), +1 on
-    the first stage (embedding); ``tp_all_gather`` 1 on the last stage (logits);
-  - with pp > 1: ``send_activation`` M on every stage but the last, ``recv_activation`` M on
-    every stage but the first (hidden states, to the same tp rank of the next stage);
-- per new activation shape with pp > 1 (a prompt length not seen in the last few turns; the first
-  decode step of a batch size): ``stage_setup`` 1, the pipelining library's warm-up vote.
+Sync budget, per process, counted by ``torchchat/distributed/collectives.py`` (names as there) and checked
+by ``tests/test_sync_budget.py``. ``S`` forward steps (a prompt chunk, or one token of each sequence of a
+group: any batch, any length), ``C`` control plans (one per resize of the cache rows, one per session end);
+a rank of stage ``s`` holds ``L_s`` layers:
 
-So one decoded token of SmolLM2 (30 layers) at TP 3 costs each rank 61 all-reduces + 1
-all-gather + 1 broadcast; at PP 2, 1 activation transfer per boundary + 1 broadcast.
+- the plan: ``recv_plan`` S + C on every rank but 0; ``send_plan`` S + C to each rank it goes on to: from
+  rank 0 to its tp - 1 peers of the first stage, and from every stage but the last to the same tp rank of
+  the next (each rank but 0 receives one plan a step: the messages of a broadcast, see ``send_plan``);
+- with pp > 1: ``send_activation`` S on every stage but the last, ``recv_activation`` S on every stage but
+  the first; ``send_logits`` S on tp rank 0 of the last stage, ``recv_logits`` S on rank 0 (each step's
+  logits, which rank 0 samples);
+- with tp > 1: ``tp_all_reduce`` S * (2 * L_s + 1 on the first stage) (after wo and w2 of each layer, and the
+  vocab-sharded embedding); ``tp_all_gather`` S on the last stage (the logits).
 
-On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the
-decode path communicates outside this budget): ``broadcast_turn`` is 2 broadcasts (the pickled
-size, then the bytes); ``broadcast_token``, ``tp_all_reduce``, ``tp_all_gather`` 1 broadcast,
-all-reduce, all-gather each; ``send_activation`` / ``recv_activation`` 1 send / receive each;
-``stage_setup`` 1 send and 1 receive per neighbouring stage (a dummy each way). Nothing else: no
-barrier, no other collective. In a bf16 (or fp16) model on CPU the ``tp_all_reduce`` after ``wo``
-and ``w2`` carries float32 partial sums (rounded once, after the sum, as one process's linear
-rounds: see ``RowwiseLinear``), twice the bytes of the model's dtype; the embedding's stays in the
-model's dtype (its sum adds zeros: exact).
+So a decoded token of SmolLM2 (30 layers) costs at TP 3 each rank 61 all-reduces + 1 all-gather, and the plan
+(2 sends on rank 0, 1 receive on the others); at PP 2, 3 point-to-point operations on each rank (plan, hidden
+states, logits), whatever the number of sequences in the step.
+
+On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the decode
+path communicates outside this budget): each helper is one operation: a send, a receive, an all-reduce, an
+all-gather. Nothing else: no barrier, no other collective, nothing per request (joins, leaves and new tokens
+are all in the plans). In a bf16 (or
+fp16) model on CPU the ``tp_all_reduce`` after ``wo`` and ``w2`` carries float32 partial sums (rounded once,
+after the sum, as one process's linear rounds: see ``RowwiseLinear``), twice the bytes of the model's dtype;
+the embedding's stays in the model's dtype (its sum adds zeros: exact).
+
+Waits: a plan may wait as long as a human (a chat between turns): plans travel on a long-timeout group, and
+everything else, plans' senders included, waits at most TORCHCHAT_DIST_TIMEOUT_S (collectives.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torchchat import cpu
-from torchchat.distributed.collectives import broadcast_token, broadcast_turn, new_turn_group
+from torchchat.distributed.collectives import new_long_group
 from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
-from torchchat.distributed.pipeline import Pipeline, StageModule, trim_to_stage
+from torchchat.distributed.process_group import collective_timeout
+from torchchat.distributed.pipeline import StepRoute, trim_to_stage
+from torchchat.distributed.plan import END, RESIZE, Plan, PlanLayout
 from torchchat.distributed.tensor_parallel import localize, parallelize
-from torchchat.generate.base import Generator, Turn
-from torchchat.generate.local import DTYPES
+from torchchat.generate.base import Generator
+from torchchat.generate.local import DTYPES, _positions_and_rows
+from torchchat.generate.scheduler import Step
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
 
 
-class WholeStage:
-    """No pipeline (pp == 1): the model runs here whole (possibly TP-sharded)."""
+class StagePart:
+    """This rank's part of the model (a stage's layers, maybe TP shards): runs a step's rows through it.
 
-    is_last = True
+    The last stage applies its output layer to each row's last position only, as LocalGenerator does for a
+    prompt (and as a decode step's one position is anyway): the logits (B, V) that sampling reads."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, is_last: bool, float32_prefill: bool = False):
         self.model = model
+        self.output = model.output if is_last else None
+        model.output = None  # the model passes its (normed) hidden states through
+        self.float32_prefill = float32_prefill  # a prompt's bf16/fp16 linears as float32 GEMMs (LocalGenerator's)
 
     def setup_caches(self, max_batch: int, max_seq_len: int):
         self.model.setup_caches(max_batch, max_seq_len)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        input_pos = torch.arange(start_pos, start_pos + tokens.size(1), device=tokens.device)
-        return self.model(tokens, input_pos)[:, -1]  # (B, vocab)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """x: tokens (B, T) or hidden states (B, T, dim) -> hidden states (B, T, dim), or logits (B, V) on the last
+        stage."""
+        input_pos, rows = _positions_and_rows(step, x.device)  # as LocalGenerator passes them: the same kernels
+        prompt = step.tokens.size(1) > 1
+        linears = cpu.Float32Linears() if prompt and self.float32_prefill else contextlib.nullcontext()
+        with torch.no_grad(), linears:  # never inference_mode: DTensor (the reference path) fails under it
+            hidden = self.model(x, input_pos, rows)  # (B, T, dim)
+            if self.output is None:
+                return hidden
+            return self.output(hidden[:, -1:])[:, -1]  # (B, V)
 
 
 class DistributedGenerator(Generator):
     """A Generator whose model is split over the ranks of the default process group.
 
-    Every rank runs the same calls (``run_generate``, ``run_chat``, ``share_input`` +
-    ``complete``); only rank 0 reads the user (``is_io_rank``).
+    Rank 0 (``is_io_rank``) runs the generator; every other rank calls ``follow()`` (``run_generate`` and
+    ``run_chat`` do) and runs the steps rank 0 plans until rank 0's ``end_session()``.
     """
 
     # Ctrl-C reaches every rank at once (torchrun, the self-launcher): it ends the job, not a reply.
     chat_help = "chat: type a message; /bye or Ctrl-D ends, Ctrl-C ends every rank"
 
-    def __init__(self, runner, model_args, tokenizer, chat_format, dims: ParallelDims, mesh, *, max_seq_len: int,
-                 max_batch: int = 1, device="cpu", turn_group=None, float32_prefill: bool = False, **kwargs):
-        super().__init__(model_args, tokenizer, chat_format, max_seq_len=max_seq_len, device=device,
-                         is_io_rank=dist.get_rank() == 0, **kwargs)
-        self.runner = runner  # runs forward steps: WholeStage (no pipeline) or Pipeline
+    def __init__(self, part: StagePart, route: StepRoute, model_args, tokenizer, chat_format, dims: ParallelDims,
+                 mesh, *, max_seq_len: int, max_batch: int = 1, device="cpu", groups=(), **kwargs):
+        super().__init__(model_args, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=max_batch,
+                         device=device, is_io_rank=route.rank == route.io_rank, **kwargs)
+        self.part = part
+        self.route = route
         self.dims = dims
         self.mesh = mesh
-        self.turn_group = turn_group if turn_group is not None else new_turn_group()
-        self.sampler_rank = int(mesh.mesh[-1, 0])  # tp rank 0 of the last stage decides every token
-        self.is_sampler = dist.get_rank() == self.sampler_rank
-        self.max_batch = max_batch
-        # A prompt's bf16/fp16 linears as float32 GEMMs, as LocalGenerator's prefill on a CPU without native bf16
-        self.float32_prefill = float32_prefill
-        runner.setup_caches(max_batch, max_seq_len)
+        self.max_in_flight = dims.pp  # a group of sequences per stage: the pipeline keeps every stage busy
+        self.layout = PlanLayout(max_batch, self.scheduler.prefill_chunk)
+        self._groups = list(groups)  # the groups this generator created, destroyed by close()
+        part.setup_caches(max_batch, max_seq_len)
         self._closed = False
+        self._broken = False  # a step failed or was interrupted on this rank (see end_session)
 
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, dims: ParallelDims, *, max_seq_len: int, max_batch: int = 1,
@@ -117,15 +138,9 @@ class DistributedGenerator(Generator):
         args = model_args or read_model_args(source)
         dims.check_model(args, source.name)
         mesh = dims.build_mesh(device.type)
-        turn_group = new_turn_group()  # every rank creates its groups in the same order
-        stage_index = mesh.get_local_rank("pp")
-        layers = dims.stage_layers(args.n_layers)[stage_index]
+        route, groups = _route(mesh, device, DTYPES[dtype], args)
+        layers = dims.stage_layers(args.n_layers)[route.stage]
         model = _build_stage_model(source, args, dims, mesh, layers, DTYPES[dtype], device, localize_tp)
-        if dims.pp > 1:
-            runner = Pipeline(StageModule(model, is_last=stage_index == dims.pp - 1), stage_index, dims.pp,
-                             mesh.get_group("pp"), device, DTYPES[dtype], args)
-        else:
-            runner = WholeStage(model)
         plain = dims.tp == 1 or localize_tp  # no DTensor: the CPU ops and modes below take plain tensors only
         on_cpu = device.type == "cpu"
         # The same CPU fast path as LocalGenerator, so that a rank computes what one process computes (and as
@@ -135,60 +150,113 @@ class DistributedGenerator(Generator):
         if on_cpu:
             cpu.install(model, linears=plain, fuse_layers=dims.tp == 1)
         float32_prefill = on_cpu and plain and DTYPES[dtype] != torch.float32 and not cpu.native_bf16()
-        gen = cls(runner, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
-                  device=device, turn_group=turn_group, float32_prefill=float32_prefill, **kwargs)
-        gen.log(f"stage {stage_index + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
+        part = StagePart(model, route.is_last, float32_prefill)
+        gen = cls(part, route, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
+                  device=device, groups=groups, **kwargs)
+        gen.log(f"stage {route.stage + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
                 f"tp {mesh.get_local_rank('tp') + 1}/{dims.tp}: loaded {source.name} ({dtype}, {device}) in "
                 f"{time.perf_counter() - t0:.2f} s, peak memory {peak_memory_mb(device):.0f} MB")
         return gen
 
-    # ----- the Generator hooks -----
+    # ----- the Generator hooks, on rank 0 -----
 
-    def share_input(self, turn: Turn | None) -> Turn | None:
-        return broadcast_turn(turn if self.is_io_rank else None, self.turn_group)
+    def forward(self, step: Step) -> torch.Tensor:
+        self.start(step)
+        return self.finish()
 
-    def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        self._check_batch(tokens.size(0))
-        linears = cpu.Float32Linears() if self.float32_prefill else contextlib.nullcontext()
-        with torch.no_grad(), linears:  # never inference_mode: DTensor (the reference path) fails under it
-            logits = self.runner.forward(tokens, start_pos)  # (B, vocab) on the last stage, else None
-        return self._decide(logits, tokens.size(0))
+    def start(self, step: Step):
+        with self._failing_breaks():
+            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows))
+            self.route.expect_logits(step.tokens.size(0))
+            self._run(self.layout.read(plan))  # what every rank reads from the plan, rank 0 included
 
-    def decode_n_tokens(self, token: torch.Tensor, start_pos: int, n: int) -> Iterator[torch.Tensor]:
-        for pos in range(start_pos, start_pos + n):
-            with torch.no_grad():
-                logits = self.runner.forward(token.view(-1, 1), pos)  # (B, vocab) on the last stage
-            token = self._decide(logits, token.size(0))
-            yield token
+    def finish(self) -> torch.Tensor:
+        with self._failing_breaks():
+            return self.route.take_logits()  # (B, V)
+
+    def resize_batch(self, max_batch: int):
+        """Every rank's caches grow to ``max_batch`` rows (nothing is in flight: the scheduler calls this
+        between requests)."""
+        with self._failing_breaks():
+            self.route.drain()
+            self.route.share_plan(self.layout.resize(max_batch))
+            self._resize_here(max_batch)
+        self._resized(max_batch)
+
+    def end_session(self):
+        """Release the followers; their ``follow()`` returns (a server's, or the CLI's ranks). Not after a step
+        failed or was interrupted on this rank: the others may be anywhere in a step, and this process's exit is
+        what ends them (their next transfer with it fails), not a plan they would not read."""
+        if self._broken:
+            return
+        with self._failing_breaks():
+            self.route.drain()
+            self.route.share_plan(self.layout.end())
+            self.route.drain()
+
+    @contextlib.contextmanager
+    def _failing_breaks(self):
+        """Anything escaping a step (a lost peer, Ctrl-C) leaves the ranks out of step for good."""
+        if self._broken:
+            raise RuntimeError("an earlier step failed on this rank; the other ranks are out of step")
+        try:
+            yield
+        except BaseException:
+            self._broken = True
+            raise
+
+    # ----- every other rank -----
+
+    def follow(self):
+        """Run the plans rank 0 sends until it ends the session."""
+        while True:
+            plan = self.layout.read(self.route.share_plan(self.layout.empty()))
+            if plan.kind == END:
+                self.route.drain()  # the next stage has the END plan before this rank moves on
+                return
+            if plan.kind == RESIZE:
+                self._resize_here(plan.batch)
+            else:
+                self._run(plan)
 
     # ----- internals -----
 
-    def _decide(self, logits: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """One rank samples; every rank gets its tokens (B,), so all agree at any temperature."""
-        if self.is_sampler:
-            token = self.sample(logits).to(torch.long).contiguous()
-        else:
-            token = torch.empty(batch, dtype=torch.long, device=self.device)
-        return broadcast_token(token, self.sampler_rank)
+    def _run(self, plan: Plan):
+        """One step on this rank: its input, its layers, its output on to the next stage (or to rank 0)."""
+        step = Step(plan.tokens, plan.positions, plan.rows)
+        x = step.tokens.to(self.device) if self.route.is_first else self.route.hidden_in(*step.tokens.shape)
+        self.route.pass_on(self.part.forward(x, step))
 
-    def _check_batch(self, batch: int):
-        if batch > self.max_batch:  # every rank runs the same turn: they all grow alike
-            self.max_batch = batch
-            self.runner.setup_caches(batch, self.max_seq_len)
+    def _resize_here(self, max_batch: int):
+        self.part.setup_caches(max_batch, self.max_seq_len)
+        self.layout = self.layout.grown(max_batch)
+        self.max_batch = max_batch
 
     def log(self, line: str):
         """A line on stderr from every rank (the launcher prefixes each with its rank)."""
         print(line, file=self.err, flush=True)
 
     def close(self):
-        """Destroy the process groups this generator created (the launcher destroys the default one)."""
+        """Destroy the long-timeout groups this generator created. The mesh's groups stay until the default
+        group goes (the launcher destroys it, and every group with it): DTensor caches meshes by equality, so a
+        later generator of the same layout in this process (tests, benchmarks) gets this mesh back, groups
+        included, in its parameters' placements."""
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
-        groups = [self.turn_group] + [self.mesh.get_group(d) for d in ("pp", "tp")]
-        for group in {id(g): g for g in groups}.values():
-            if group is not dist.group.WORLD:  # a 1-D mesh over every rank may reuse the default group
-                dist.destroy_process_group(group)
+        for group in {id(g): g for g in self._groups}.values():
+            dist.destroy_process_group(group)
+
+
+def _route(mesh, device: torch.device, dtype: torch.dtype, args) -> tuple[StepRoute, list]:
+    """This rank's StepRoute, and the groups it made for it (every rank creates them, in the same order)."""
+    plan_group = new_long_group()
+    first, last = int(mesh.mesh[0, 0]), int(mesh.mesh[-1, 0])
+    # The logits' way back, on the model's device (the default group's backend and timeout)
+    logits_group = dist.new_group([first, last], timeout=collective_timeout()) if first != last else None
+    route = StepRoute(mesh, dist.get_rank(), plan_group, mesh.get_group("pp"), logits_group, device, dtype,
+                      args.dim, args.vocab_size)
+    return route, [g for g in (plan_group, logits_group) if g not in (None, dist.GroupMember.NON_GROUP_MEMBER)]
 
 
 def _build_stage_model(source, args, dims: ParallelDims, mesh, layers: range, dtype: torch.dtype,
