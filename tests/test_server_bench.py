@@ -46,7 +46,7 @@ def check_level(level: dict, clients: int):
 
 def test_quick_run_measures_every_workload_consistently(quick_run):
     report, stdout = quick_run
-    assert len(report["load_before"]) == len(report["load_after"]) == 3
+    assert len(report["load_before"]) == len(report["load_after"]) == len(report["runs"][0]["load_after"]) == 3
     run, = report["runs"]
     assert run["server"] == "torchchat" and run["weights"] == "fp32"
     one, many = run["levels"]
