@@ -9,5 +9,12 @@
     runner.py              one subprocess per case: the parent's loop and the worker's entry
     report.py              ratios, greedy agreement and the table (plain and Markdown)
 
-bench.py puts ``benchmarks/`` on the path by being run from it; tests put it there themselves.
+and of benchmarks/server_bench.py (servers measured over HTTP):
+
+    openai_client.py       one chat request, timed at the client (streamed or not)
+    server_procs.py        starting torchchat's server and llama.cpp's llama-server; GGUF copies of a file type
+    server_load.py         the workloads: clients at once, one at a time, a short request, a conversation
+    server_report.py       percentiles, per-server summaries, the tables and the issue's targets
+
+bench.py and server_bench.py put ``benchmarks/`` on the path by being run from it; tests put it there themselves.
 """
