@@ -43,10 +43,11 @@ def test_cpu_caches_are_float16_unless_asked(dtype):
 def stores_float16_values(cache):
     """An update for a float32 cache that stores k and v rounded to float16 (written here, not KVCache.update:
     the reference must not share the code under test)."""
-    def update(input_pos, k, v):  # k, v (B, n_kv_heads, T, head_dim)
+    def update(input_pos, k, v, rows):  # k, v (B, n_kv_heads, T, head_dim); the test's rows are 0 .. B-1
+        assert rows is None and input_pos.dim() == 1
         cache.k[: k.size(0), :, input_pos] = k.half().float()
         cache.v[: v.size(0), :, input_pos] = v.half().float()
-        return cache.k[: k.size(0)], cache.v[: v.size(0)]
+        return cache.k, cache.v
     return update
 
 

@@ -126,9 +126,10 @@ def rope_cache(args: ModelArgs, seq_len: int) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (Meta's layout). x: (B, T, H, head_dim), rope: (T, head_dim // 2, 2)."""
+    """Rotate interleaved pairs (Meta's layout). x: (B, T, H, head_dim), rope: (T, head_dim // 2, 2) shared by
+    every row, or (B, T, head_dim // 2, 2) a row's own."""
     xp = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, head_dim // 2, 2)
-    rope = rope.view(1, xp.size(1), 1, xp.size(3), 2)  # (1, T, 1, head_dim // 2, 2)
+    rope = rope.view(-1, xp.size(1), 1, xp.size(3), 2)  # (1 or B, T, 1, head_dim // 2, 2)
     out = torch.stack(
         [xp[..., 0] * rope[..., 0] - xp[..., 1] * rope[..., 1],
          xp[..., 1] * rope[..., 0] + xp[..., 0] * rope[..., 1]],
@@ -150,7 +151,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static cache: (batch, n_kv_heads, max_seq_len, head_dim) for keys and values.
+    """Static cache: (max_batch, n_kv_heads, max_seq_len, head_dim) for keys and values; a cache row holds one
+    sequence.
 
     Its head count is whatever the attention layer holds, so a tensor-parallel shard keeps only
     its local heads.
@@ -162,11 +164,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, n_kv_heads, T, head_dim) at positions input_pos (T,); return the whole cache."""
-        self.k[: k.size(0), :, input_pos] = k.to(self.k.dtype)
-        self.v[: v.size(0), :, input_pos] = v.to(self.v.dtype)
-        return self.k[: k.size(0)], self.v[: v.size(0)]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """Write k, v (B, n_kv_heads, T, head_dim) at positions input_pos ((T,) for every row, or (B, T) a row's
+        own) into cache rows ``rows`` ((B,); None: rows 0 .. B-1); return the whole caches (max_batch, ...)."""
+        if rows is None and input_pos.dim() == 1:
+            self.k[: k.size(0), :, input_pos] = k.to(self.k.dtype)
+            self.v[: v.size(0), :, input_pos] = v.to(self.v.dtype)
+            return self.k, self.v
+        if rows is None:
+            rows = torch.arange(k.size(0), device=k.device)
+        pos = input_pos.expand(k.size(0), k.size(2))  # (B, T)
+        # Advanced indices on dims 0 and 2, split by a slice: the indexed view is (B, T, n_kv_heads, head_dim).
+        self.k[rows.view(-1, 1), :, pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows.view(-1, 1), :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -180,24 +191,33 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, mask, input_pos):
+    def forward(self, x, rope, mask, input_pos, rows=None):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, max_seq_len, head_dim)
-        out = self.attend(q, k, v, mask, input_pos)  # (B, n_heads, T, head_dim)
+        k, v = self.kv_cache.update(input_pos, k, v, rows)  # (max_batch, n_kv_heads, max_seq_len, head_dim)
+        out = self.attend(q, k, v, mask, input_pos, rows)  # (B, n_heads, T, head_dim)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, n_heads * head_dim)
         return self.wo(out)
 
-    def attend(self, q, k, v, mask, input_pos) -> torch.Tensor:
+    def attend(self, q, k, v, mask, input_pos, rows=None) -> torch.Tensor:
         """Scaled dot-product attention with grouped KV heads over the cache positions the mask covers.
-        q: (B, n_heads, T, hd), k/v: the whole cache (B, n_kv_heads, S, hd) -> (B, n_heads, T, hd)."""
+        q: (B, n_heads, T, hd); k/v: the whole caches (max_batch, n_kv_heads, S, hd); rows: the cache row of
+        each of q's rows ((B,); None: 0 .. B-1); mask (1 or B, 1, T, kv_len) -> (B, n_heads, T, hd)."""
+        k, v = cache_rows(k, v, q.size(0), rows)  # (B, n_kv_heads, S, head_dim)
         k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
         return F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask,
                                               enable_gqa=q.size(1) != k.size(1))
+
+
+def cache_rows(k: torch.Tensor, v: torch.Tensor, batch: int, rows: torch.Tensor | None):
+    """The caches' rows of a step's ``batch`` sequences: views of rows 0 .. batch-1, or a copy of ``rows``."""
+    if rows is None:
+        return k[:batch], v[:batch]
+    return k[rows], v[rows]
 
 
 class FeedForward(nn.Module):
@@ -219,8 +239,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x, rope, mask, input_pos, rows=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -264,24 +284,28 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """x: tokens (B, T) or hidden states (B, T, dim); input_pos: positions (T,)."""
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: tokens (B, T) or hidden states (B, T, dim); input_pos: positions, (T,) shared by every row or (B, T)
+        a row's own; rows: the KV cache row of each of x's rows ((B,) int64; None: rows 0 .. B-1)."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # (B, T, dim)
-        rope = self.rope[input_pos]  # (T, head_dim // 2, 2)
-        h = self.forward_layers(h, rope, input_pos)  # (B, T, dim)
+        rope = self.rope[input_pos]  # (T, head_dim // 2, 2) or (B, T, head_dim // 2, 2)
+        h = self.forward_layers(h, rope, input_pos, rows)  # (B, T, dim)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
             h = self.output(h)  # (B, T, vocab)
         return h
 
-    def forward_layers(self, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, T, dim) through every block this model holds."""
-        mask = self.attention_mask(input_pos).unsqueeze(0).unsqueeze(0)  # (1, 1, T, kv_len)
+        mask = self.attention_mask(input_pos)  # (T, kv_len) or (B, T, kv_len)
+        mask = mask.view(-1, 1, *mask.shape[-2:])  # (1 or B, 1, T, kv_len)
         for layer in self.layers.values():
-            h = layer(h, rope, mask, input_pos)
+            h = layer(h, rope, mask, input_pos, rows)
         return h
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(T, kv_len) causal mask of the positions input_pos over the cache: the whole static cache."""
-        return self.causal_mask[input_pos]  # (T, max_seq_len)
+        """Causal mask of the positions input_pos over the cache, the whole static cache: (T, max_seq_len) for
+        shared positions (T,), (B, T, max_seq_len) for a row's own (B, T)."""
+        return self.causal_mask[input_pos]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from torchchat.cpu import kernels
 from torchchat.cpu.kernels import CACHE_DTYPES
-from torchchat.model import Attention, Transformer
+from torchchat.model import Attention, Transformer, cache_rows
 
 # The block op's linears, in the order it takes them (torchchat/csrc/decode_layers.cpp reads them by index,
 # enum LinearIndex): the one place that order is written on the Python side.
@@ -80,8 +80,10 @@ class CPUAttention(Attention):
 
     decode_attention = None  # the op, or None: torch's attention
 
-    def attend(self, q, k, v, mask, input_pos) -> torch.Tensor:
-        if q.size(2) == 1 and self.decode_attention is not None and k.dtype in CACHE_DTYPES:
+    def attend(self, q, k, v, mask, input_pos, rows=None) -> torch.Tensor:
+        shared = rows is None and input_pos.dim() == 1  # rows 0 .. B-1 at the same positions
+        k, v = cache_rows(k, v, q.size(0), rows)  # (B, n_kv_heads, S, head_dim)
+        if q.size(2) == 1 and shared and self.decode_attention is not None and k.dtype in CACHE_DTYPES:
             return self.decode_attention(q, k, v, input_pos)  # (B, n_heads, 1, head_dim)
         k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
         gqa = q.size(1) != k.size(1)
@@ -97,12 +99,13 @@ class CPUTransformer(Transformer):
 
     decode_layers = None  # a FusedDecode, or None: the blocks' modules
 
-    def forward_layers(self, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        if self.decode_layers is not None and h.size(0) == 1 and h.size(1) == 1:
+    def forward_layers(self, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        if self.decode_layers is not None and h.size(0) == 1 and h.size(1) == 1 and rows is None:
             out = self.decode_layers(self, h, rope, input_pos)  # (1, 1, dim), or None: caches it cannot read
             if out is not None:
                 return out
-        return super().forward_layers(h, rope, input_pos)
+        return super().forward_layers(h, rope, input_pos, rows)
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """Speed: in eager mode only the filled positions, [0, last position], so a step does not attend
@@ -110,7 +113,7 @@ class CPUTransformer(Transformer):
         attention a token saved). Compiled code keeps static shapes (no recompiles)."""
         if torch.compiler.is_compiling():
             return super().attention_mask(input_pos)
-        return self.causal_mask[input_pos, :int(input_pos.max()) + 1]  # (T, kv_len)
+        return self.causal_mask[input_pos, :int(input_pos.max()) + 1]  # (T, kv_len) or (B, T, kv_len)
 
 
 @functools.cache
