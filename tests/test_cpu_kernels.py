@@ -187,6 +187,26 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("kind", ["GemvLinear", "Int8Linear", "Int4Linear"])
+def test_linears_send_up_to_max_rows_to_the_op(kind, monkeypatch):
+    """A decode step's sequences (up to MAX_GEMV_ROWS rows) go to the row kernels, one call for all of them; a
+    longer input (a prompt) to torch's GEMMs."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    layer = {"GemvLinear": lambda: cpu_kernels.GemvLinear(linear.weight),
+             "Int8Linear": lambda: Int8Linear.from_linear(linear),
+             "Int4Linear": lambda: Int4Linear.from_linear(linear, 32)}[kind]()
+    op = "gemv_int4" if kind == "Int4Linear" else "gemv"
+    calls = []
+    real = getattr(torch.ops.torchchat, op)
+    monkeypatch.setattr(torch.ops.torchchat, op, lambda *a: calls.append(a[0].shape) or real(*a))
+    limit = cpu_kernels.kernels.MAX_GEMV_ROWS
+    with torch.no_grad():
+        for rows in (1, limit, limit + 1):
+            assert layer(torch.randn(rows, 1, 64)).shape == (rows, 1, 48)
+    assert calls == [(1, 1, 64), (limit, 1, 64)]
+
+
 def one_op(kind: str, out_features: int):
     """(gemv call taking x, in_features) for a random weight of this kind. in_features cover every loop of the row
     kernels: float32/bfloat16 309 = 9 x 32 + 2 x 8 + 5 (the 32-wide loop, the 8-wide one, the scalar tail), int8 the
