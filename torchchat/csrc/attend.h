@@ -1,6 +1,6 @@
 // Attention of a batch's query heads, each sequence over the filled positions of its own KV cache row, float32
-// math, AVX2: attend_rows (and its helpers). The cache is float32 or float16 (c10::Half): a decode step reads all of it, so
-// float16 halves the bytes. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
+// math, AVX2: attend_rows (and its helpers). The cache is float32 or float16 (c10::Half): a decode step reads all of
+// it, so float16 halves the bytes. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
 // transformer block).
 #pragma once
 

@@ -253,7 +253,8 @@ void run_block(const Block &b, float *h, const Step &step, float eps, bool bf16)
   float *normed = scratch.data(), *qkv = normed + n_rows * dim, *attended = qkv + n_rows * qkv_dim,
         *gate_up = attended + n_rows * q_dim, *product = gate_up + n_rows * 2 * hidden;
 
-  for (int64_t r = 0; r < n_rows; r++) rms_norm(h + r * dim, b.attention_norm.data_ptr<float>(), eps, normed + r * dim, dim, bf16);
+  for (int64_t r = 0; r < n_rows; r++)
+    rms_norm(h + r * dim, b.attention_norm.data_ptr<float>(), eps, normed + r * dim, dim, bf16);
   multiply(normed, n_rows, dim,
            std::array<Product, 3>{{{&w[kWq], qkv, qkv_dim}, {&w[kWk], qkv + q_dim, qkv_dim},
                                    {&w[kWv], qkv + q_dim + kv_dim, qkv_dim}}});

@@ -116,11 +116,9 @@ inline void dot_rows_int8(const Int16Row *x, const int8_t *row, int64_t n_in, fl
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + i)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + i + 16)));
       for (int r = 0; r < R; r++) {
-        const int16_t *xq = x[r].q.data();
-        sum0[r] = _mm256_add_epi32(sum0[r],
-                                   _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + i))));
-        sum1[r] = _mm256_add_epi32(
-            sum1[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + i + 16))));
+        const auto *xq = reinterpret_cast<const __m256i *>(x[r].q.data() + i);
+        sum0[r] = _mm256_add_epi32(sum0[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(xq)));
+        sum1[r] = _mm256_add_epi32(sum1[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(xq + 1)));
       }
     }
     for (; i + 16 <= chunk_end; i += 16) {
@@ -262,8 +260,9 @@ inline void dot_chunk(const QuantizedRow *x, const uint8_t *q, const c10::Half *
   const __m256 scales = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
   const __m256 mins = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
   for (int r = 0; r < R; r++) {
+    // the block sums, lanes in block order 0 2 4 6 1 3 5 7
     const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_sums[r][0], pair_sums[r][1]),
-                                           _mm256_hadd_epi32(pair_sums[r][2], pair_sums[r][3]));  // blocks 0 2 4 6 1 3 5 7
+                                           _mm256_hadd_epi32(pair_sums[r][2], pair_sums[r][3]));
     const __m256 dots =
         _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     acc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x[r].group_sum.data() + b0), acc[r]);

@@ -127,7 +127,8 @@ void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array
     for (size_t i = 0; i < N; i++) {
       const LinearWeight &w = *products[i].weight;
       const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + w.n_out) - first_row;
-      if (lo < hi) w.rows(lo, hi, XRows{n_rows, x, x_stride, xq[i], x16.data()}, products[i].out, products[i].out_stride);
+      if (lo < hi)
+        w.rows(lo, hi, XRows{n_rows, x, x_stride, xq[i], x16.data()}, products[i].out, products[i].out_stride);
       first_row += w.n_out;
     }
   });
