@@ -88,18 +88,17 @@ def interrupted_chat(source: ModelSource, lines: list[str], args: GenerationArgs
     """The chat, in this process, when Ctrl-C lands in the first reply after ``new_tokens`` tokens:
     (its transcript, the tokens of the last whole reply)."""
     gen = endless_generator(source)
-    decode, limits = gen.decode_n_tokens, iter([new_tokens - 1])  # the first comes from the prefill
-    complete, replies = gen.complete, []
+    forward, decode_steps, submit, requests = gen.forward, {"n": 0}, gen.submit, []
 
-    def interrupted_once(token, start_pos, n):
-        limit = next(limits, None)
-        for i, tok in enumerate(decode(token, start_pos, n)):
-            if i == limit:
+    def interrupted_once(step):
+        if step.tokens.size(1) == 1:  # a decode step; the first token comes from the prompt
+            decode_steps["n"] += 1
+            if decode_steps["n"] == new_tokens:
                 raise KeyboardInterrupt
-            yield tok
-    gen.decode_n_tokens = interrupted_once
-    gen.complete = lambda turn, on_text=None: replies.append(complete(turn, on_text)) or replies[-1]
-    return chat_transcript(gen, lines, args), replies[-1][0].tokens
+        return forward(step)
+    gen.forward = interrupted_once
+    gen.submit = lambda *a, **k: requests.append(submit(*a, **k)) or requests[-1]
+    return chat_transcript(gen, lines, args), requests[-1].sequences[0].generated
 
 
 def one_shot_after_interrupt(source: ModelSource, user: list[str], args: GenerationArgs, new_tokens: int):

@@ -10,8 +10,8 @@ FROZEN = {
     "generate": MODEL | RUNTIME | SAMPLING | {"--prompt", "--num-samples"},
     "chat": MODEL | RUNTIME | SAMPLING | {"--system-prompt"},
     "list": set(),
-    "server": MODEL | RUNTIME | SAMPLING | {"--host", "--port", "--max-queue", "--shutdown-timeout", "--max-body-size",
-               "--max-connections", "--allowed-hosts"},
+    "server": MODEL | RUNTIME | SAMPLING | {"--host", "--port", "--max-batch", "--max-queue", "--no-prefix-reuse",
+               "--shutdown-timeout", "--max-body-size", "--max-connections", "--allowed-hosts"},
 }
 
 

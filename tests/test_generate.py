@@ -112,18 +112,18 @@ def test_chat_ends_on_bye(tiny_model):
 def test_ctrl_c_stops_the_reply_not_the_chat(tiny_model):
     gen = local_generator(tiny_source(tiny_model))
     steps = {"n": 0}
-    decode = gen.decode_n_tokens
+    forward = gen.forward
 
-    def interrupted_once(token, start_pos, n):
-        for tok in decode(token, start_pos, n):
-            steps["n"] += 1
-            if steps["n"] == 3:
-                raise KeyboardInterrupt
-            yield tok
-    gen.decode_n_tokens = interrupted_once
+    def interrupted_once(step):
+        steps["n"] += 1
+        if steps["n"] == 4:  # the prompt, then the third decode step
+            raise KeyboardInterrupt
+        return forward(step)
+    gen.forward = interrupted_once
     replies = gen.run_chat(GenerationArgs(max_new_tokens=8, **GREEDY), scripted_user(["one", "two"]))
     assert replies == 2
     assert "[interrupted]" in gen.out.getvalue()
+    assert not gen.scheduler.busy and all(slot.sequence is None for slot in gen.scheduler.slots)
 
 
 def test_bf16_runs(tiny_model):
@@ -136,8 +136,8 @@ def test_bf16_runs(tiny_model):
 
 def test_compiled_decode_equals_eager_across_turns_of_another_batch(tiny_model, monkeypatch):
     """--compile: greedy tokens equal eager ones, turn after turn, when a turn with a larger batch re-allocates
-    the caches in between (each decode run's first step checks Dynamo's guards and recompiles; the later
-    steps skip them, see LocalGenerator._guards: were a stale graph reused, these tokens would differ)."""
+    the caches in between (a step of a new shape checks Dynamo's guards and recompiles; the later steps of the
+    same shape skip them, see LocalGenerator._step: were a stale graph reused, these tokens would differ)."""
     eager, compiled = (local_generator(tiny_source(tiny_model), compile=c) for c in (False, True))
     stances = []
     real_set_stance = torch.compiler.set_stance
@@ -147,20 +147,22 @@ def test_compiled_decode_equals_eager_across_turns_of_another_batch(tiny_model, 
         want = [c.tokens for c in eager.complete(Turn(eager.encode_prompt(prompt), args))]
         got = [c.tokens for c in compiled.complete(Turn(compiled.encode_prompt(prompt), args))]
         assert got == want
-    # 7 decode steps a turn
+    # 7 decode steps a turn; the first of each new shape (batch 1, batch 2, batch 1 again) checks the guards
     assert len(stances) == 3 * 6 and all(k == {"skip_guard_eval_unsafe": True} for k in stances)
 
 
 def test_compiled_step_that_must_recompile_mid_run_takes_the_checked_path(tiny_model):
-    """Were Dynamo to need a recompile on a step that skips the guards (not expected within a run), it raises;
-    the step is then run again with the guards checked, rather than the generation failing."""
+    """Were Dynamo to need a recompile on a step that skips the guards (not expected: a resize resets the shape
+    it compares), it raises; the step is then run again with the guards checked, rather than the generation
+    failing."""
     eager, compiled = (local_generator(tiny_source(tiny_model), compile=c) for c in (False, True))
     with torch.no_grad():
-        compiled._step(torch.tensor([[5]]), torch.tensor([0]), first=True)  # compiled for batch 1
+        compiled._step(torch.tensor([[5]]), torch.tensor([0]), None)  # compiled for batch 1
         for gen in (eager, compiled):
-            gen._check_batch(2)  # larger caches: the batch-1 graph no longer fits
+            gen.resize_batch(2)  # larger caches: the batch-1 graph no longer fits
+        compiled._last_shape = (2, 1, True)  # as if the step before had this shape: the guards are skipped
         tokens, pos = torch.tensor([[5], [7]]), torch.tensor([0])
-        torch.testing.assert_close(compiled._step(tokens, pos, first=False), eager._step(tokens, pos, first=False),
+        torch.testing.assert_close(compiled._step(tokens, pos, None), eager._step(tokens, pos, None),
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -208,25 +210,6 @@ def test_the_stats_come_with_the_completions(gen):
     assert len(completions) == 2 and stats.batch == 2 and stats.prompt_tokens == len(prompt)
     assert stats.new_tokens == max(len(c.tokens) for c in completions)
     assert stats.ttft_s > 0
-
-
-def test_a_served_session_shares_each_turn_and_its_end(gen):
-    """serve_turn shares the turn before completing it; end_session shares None; shared_turns follows until None."""
-    shared = []
-    share_input = gen.share_input
-
-    def recording_share(turn):
-        shared.append(turn)
-        return share_input(turn)
-    gen.share_input = recording_share
-    turn = Turn(gen.encode_prompt("Hi"), GenerationArgs(max_new_tokens=4, **GREEDY))
-    completions = gen.serve_turn(turn)
-    assert shared == [turn] and completions.stats.new_tokens == len(completions[0].tokens)
-    gen.end_session()
-    assert shared == [turn, None]
-    incoming = [turn, turn, None, turn]
-    gen.share_input = lambda _none: incoming.pop(0)
-    assert list(gen.shared_turns()) == [turn, turn] and incoming == [turn]
 
 
 def test_check_tokens_names_the_vocabulary(gen):

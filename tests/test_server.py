@@ -412,8 +412,8 @@ def test_a_client_leaving_mid_stream_stops_the_generation(smol_server, smol):
     t0 = time.monotonic()
     r = smol.chat.completions.create(model="smollm2-135m", messages=ask("France"), max_tokens=8, **GREEDY)
     assert "Paris" in r.choices[0].message.content
-    assert time.monotonic() - t0 < 15  # 600 tokens would take far longer: the worker was freed
-    assert smol_server.log().count("request cancelled") == before + 1
+    assert time.monotonic() - t0 < 15
+    assert smol_server.log().count("request cancelled") == before + 1  # the story left the batch
 
 
 def test_a_client_timing_out_on_a_plain_request_stops_the_generation(smol_server, smol):

@@ -150,28 +150,6 @@ def test_a_server_whose_default_temperature_is_nan_does_not_start(tiny_model):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: argument --temperature"), proc.stderr
 
 
-def test_the_follower_loop_goes_on_after_a_failed_request():
-    """A request that fails on every rank (as on the serving one) must not end a follower."""
-    from torchchat.server.serve import follow
-
-    class Follower:
-        def __init__(self):
-            self.turns, self.completed = ["bad", "good"], []
-
-        def shared_turns(self):
-            while self.turns:
-                yield self.turns.pop(0)
-
-        def complete(self, turn):
-            if turn == "bad":
-                raise ValueError("Overflow when unpacking long long")
-            self.completed.append(turn)
-
-    follower = Follower()
-    follow(follower)
-    assert follower.completed == ["good"] and follower.turns == []
-
-
 # ----- row 2: stop strings cost linear time, bounded -----
 
 def test_a_huge_stop_string_is_refused_at_once(local):

@@ -1,8 +1,9 @@
 """Stopping the server, and the limit of its queue, on real `torchchat.py server` processes.
 
 SmolLM2-135M-Instruct, not the tiny model: a request must still be generating while the test acts on it
-(the tiny model decodes ~700 tokens/s, SmolLM2 ~6-20 on 2 shared cores). One server with `--max-queue 1
---shutdown-timeout 4` answers the queue test, then the SIGTERM test stops it; the Ctrl-C test has its own.
+(the tiny model decodes ~700 tokens/s, SmolLM2 ~6-20 on 2 shared cores). One server with `--max-batch 1
+--max-queue 1 --shutdown-timeout 4` (one slot: a second request waits for it) answers the queue test, then the
+SIGTERM test stops it; the Ctrl-C test has its own.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def limited(smollm2_gguf, tmp_path_factory):
-    server = ServerProcess(["--max-seq-length", "1024", "--max-queue", "1", "--shutdown-timeout", str(GRACE_S)],
+    server = ServerProcess(["--max-seq-length", "1024", "--max-batch", "1", "--max-queue", "1",
+                            "--shutdown-timeout", str(GRACE_S)],
                            tmp_path_factory.mktemp("limited-server") / "server.log")
     yield server.wait_ready()
     server.stop()
@@ -42,29 +44,30 @@ def generating(stream):
     return text, chunks
 
 
-def queued(server: ServerProcess) -> int:
+def waiting(server: ServerProcess) -> int:
+    """Requests waiting for a free slot, as /health reports them."""
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
-        return json.loads(r.read())["queued"]
+        return json.loads(r.read())["waiting"]
 
 
 def test_a_full_queue_is_answered_503(limited):
     running = openai_client(limited).chat.completions.create(model=MODEL, messages=STORY, max_tokens=600,
                                                              stream=True, **GREEDY)
-    generating(running)  # the worker is busy with it for a long while
+    generating(running)  # it holds the one slot for a long while
     question = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, **GREEDY}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
-            waiting = pool.submit(limited.post, "/v1/chat/completions", question)
+            second = pool.submit(limited.post, "/v1/chat/completions", question)
             deadline = time.monotonic() + 30
-            while queued(limited) < 1:
-                assert time.monotonic() < deadline and not waiting.done(), "the second request never waited"
+            while waiting(limited) < 1:
+                assert time.monotonic() < deadline and not second.done(), "the second request never waited"
                 time.sleep(0.05)
             status, body = limited.post("/v1/chat/completions", question, timeout=10)  # --max-queue 1: one waits
         finally:
-            running.close()  # its client leaves: the worker drops it and takes the waiting request
+            running.close()  # its client leaves: its slot goes to the waiting request
         assert status == 503, body
         assert body["error"]["code"] == "server_busy" and "--max-queue" in body["error"]["message"]
-        status, body = waiting.result(timeout=60)
+        status, body = second.result(timeout=60)
         assert status == 200 and "Paris" in body["choices"][0]["message"]["content"]
     assert limited.post("/v1/chat/completions", question)[0] == 200  # room again
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torchchat.errors import ConfigError
 
 DEFAULT_CHAT_SEQ_LEN = 2048
+DEFAULT_MAX_BATCH = 8  # the server's sequences at once (--max-batch); see its help in cli.py
 
 
 def generation_args(args, num_samples: int = 1):
@@ -65,13 +66,20 @@ class Prepared:
         return length
 
 
+def schedule_options(args) -> dict:
+    """The Generator's scheduling keywords from the flags: ``prefix_reuse=False`` under ``--no-prefix-reuse``
+    (a server flag; the other commands have no such attribute and keep the generator's default)."""
+    return {"prefix_reuse": False} if getattr(args, "no_prefix_reuse", False) else {}
+
+
 def build_generator(args, prep: Prepared, max_seq_len: int, max_batch: int = 1):
     """This process alone: a LocalGenerator."""
     from torchchat.generate.local import LocalGenerator
 
     return LocalGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, max_seq_len=max_seq_len,
                                       max_batch=max_batch, dtype=args.dtype, device=prep.device,
-                                      compile=args.compile, quantize=args.quantize, model_args=prep.model_args)
+                                      compile=args.compile, quantize=args.quantize, model_args=prep.model_args,
+                                      **schedule_options(args))
 
 
 def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq_len: int, max_batch: int = 1):
@@ -80,4 +88,4 @@ def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq
 
     return DistributedGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, dims,
                                             max_seq_len=max_seq_len, max_batch=max_batch, dtype=args.dtype,
-                                            device=device, model_args=prep.model_args)
+                                            device=device, model_args=prep.model_args, **schedule_options(args))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from torchchat import commands
-from torchchat.builder import DEFAULT_CHAT_SEQ_LEN
+from torchchat.builder import DEFAULT_CHAT_SEQ_LEN, DEFAULT_MAX_BATCH
 from torchchat.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, ConfigError
 
 
@@ -111,7 +111,17 @@ def add_server_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    g.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more are answered 503")
+    g.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
+                   help="sequences generated at once (KV cache rows, slots; a request of n samples takes n); more "
+                        f"requests wait for a free slot. Default {DEFAULT_MAX_BATCH}, for a CPU: a decode step reads "
+                        "each weight once for all its rows, so a handful of clients share each read, while every "
+                        "row holds a KV cache of --max-seq-length tokens and each stream slows as the step grows "
+                        "(on a GPU, raise it)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait for a free slot; more are answered 503")
+    g.add_argument("--no-prefix-reuse", action="store_true",
+                   help="feed every prompt whole: by default a chat request that extends a conversation still held "
+                        "in a free KV cache row feeds only its new tokens")
     g.add_argument("--shutdown-timeout", type=finite_float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cut")
     g.add_argument("--max-body-size", type=finite_float, default=8.0,
@@ -152,7 +162,8 @@ COMMANDS = {c.name: c for c in (
             lambda p: None, commands.cmd_list),
     Command("server", "serve an OpenAI-compatible HTTP API and a chat page",
             "Serve the model over HTTP: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and a chat "
-            "page at /. Requests are queued and answered one at a time. SIGINT or SIGTERM stops it.",
+            "page at /. Requests are batched continuously (they join and leave the running batch between decode "
+            "steps; --max-batch). SIGINT or SIGTERM stops it.",
             add_server_flags, commands.cmd_server, commands.server_on_rank, followers=True),
 )}
 

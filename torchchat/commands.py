@@ -116,7 +116,7 @@ def cmd_server(args) -> int:
     config = server_config(args, prep.source.name)
     sock = server.bind(config.host, config.port)  # a busy port fails now, not after loading the weights
     try:
-        generator = build_generator(args, prep, prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN))
+        generator = build_generator(args, prep, prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN), args.max_batch)
         server.serve(generator, config, sock=sock)
     finally:
         sock.close()
@@ -124,17 +124,13 @@ def cmd_server(args) -> int:
 
 
 def server_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
-    """Every rank: rank 0 serves, the others follow each request.
-
-    A request whose client goes away is generated to its end and discarded: ending it early on the
-    serving rank alone would leave the others waiting in a collective.
-    """
+    """Every rank: rank 0 serves and schedules the batch, the others run the steps it schedules until it stops."""
     server = _import_server()
-    generator = build(args, prep, prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN))
+    generator = build(args, prep, prep.max_seq_len(args, DEFAULT_CHAT_SEQ_LEN), max_batch=args.max_batch)
     if not io_rank:
-        server.follow(generator)
+        generator.follow()
         return 0
-    server.serve(generator, server_config(args, prep.source.name), cancellable=False, launched=True)
+    server.serve(generator, server_config(args, prep.source.name), launched=True)
     return 0
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
-
 import torch
 
 from torchchat import cpu
 from torchchat.generate.base import Generator
+from torchchat.generate.scheduler import Step
 from torchchat.model import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,14 +21,15 @@ COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_as
 
 
 class LocalGenerator(Generator):
-    """One process. ``compile=True`` compiles the one-token decode step (static shapes)."""
+    """One process, ``max_batch`` KV cache rows. ``compile=True`` compiles the decode step (static shapes: one
+    compilation per batch size seen)."""
 
     def __init__(self, model: Transformer, tokenizer, chat_format, *, max_seq_len: int, max_batch: int = 1,
                  compile: bool = False, **kwargs):
         device = next(model.parameters()).device
-        super().__init__(model.args, tokenizer, chat_format, max_seq_len=max_seq_len, device=device, **kwargs)
+        super().__init__(model.args, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=max_batch,
+                         device=device, **kwargs)
         self.model = model
-        self.max_batch = max_batch
         # Speed, CPU: float16 caches, one-row linears through torch.ops.torchchat.gemv, a batch-1 step's blocks
         # through torch.ops.torchchat.decode_layers, one call a token (torchchat.cpu); without the ops, a
         # compiled step writes the linears as reductions (see cpu.GemvAsReduction).
@@ -37,6 +37,7 @@ class LocalGenerator(Generator):
         if on_cpu:
             cpu.install(model)
         model.setup_caches(max_batch, max_seq_len)
+        self._last_shape = None  # of the latest decode step (see _step)
         step = self._forward_one_reduced if on_cpu and not cpu.kernels.available() else self._forward_one
         self.compiled = compile
         self._decode_step = torch.compile(step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS) \
@@ -62,54 +63,63 @@ class LocalGenerator(Generator):
         gen.report(f"loaded {source.name} ({dtype}, {device}) in {time.perf_counter() - t0:.2f} s")
         return gen
 
-    def prefill(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        self._check_batch(tokens.size(0))
-        input_pos = torch.arange(start_pos, start_pos + tokens.size(1), device=self.device)
-        with torch.no_grad(), self._prefill_mode(), _output_layer_detached(self.model) as output:
-            hidden = self.model(tokens, input_pos)  # (B, T, dim): the model passes through a missing output
-            logits = output(hidden[:, -1])  # (B, V)
-        return self.sample(logits)
+    def forward(self, step: Step) -> torch.Tensor:
+        tokens = step.tokens.to(self.device)  # (B, T)
+        input_pos, rows = _positions_and_rows(step, self.device)
+        with torch.no_grad():
+            if tokens.size(1) == 1:
+                return self._step(tokens, input_pos, rows)  # (B, V)
+            with self._prefill_mode(), _output_layer_detached(self.model) as output:
+                hidden = self.model(tokens, input_pos, rows)  # (B, T, dim): the model passes through a missing output
+                return output(hidden[:, -1])  # (B, V)
 
-    def decode_n_tokens(self, token: torch.Tensor, start_pos: int, n: int) -> Iterator[torch.Tensor]:
-        for pos in range(start_pos, start_pos + n):
-            input_pos = torch.tensor([pos], device=self.device)
-            with torch.no_grad():
-                logits = self._step(token.view(-1, 1), input_pos, first=pos == start_pos)  # (B, V)
-            token = self.sample(logits)
-            yield token
+    def resize_batch(self, max_batch: int):
+        self.model.setup_caches(max_batch, self.max_seq_len)
+        self._resized(max_batch)
+        self._last_shape = None  # new caches: the next step checks Dynamo's guards
 
-    def _step(self, token: torch.Tensor, input_pos: torch.Tensor, first: bool) -> torch.Tensor:
+    def _step(self, token: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Speed: a compiled step checks Dynamo's guards (every parameter and buffer of the model: ~0.5 ms
-        a SmolLM2 token) on the first step of each decode run only. Within a run nothing they cover can
-        change (same model, caches, batch and shapes; only tensor values move), and the first step, fully
-        checked, recompiles if a new turn changed any of it (a larger batch re-allocates the caches)."""
+        a SmolLM2 token) only when the step's shapes change (batch size, shared or own positions). Between
+        such changes nothing they cover can change (same model, caches, shapes; only tensor values move), and
+        the first step of a new shape, fully checked, recompiles if it must."""
+        shape = (token.size(0), input_pos.dim(), rows is None)
+        first, self._last_shape = shape != self._last_shape, shape
         if first or not self.compiled:
-            return self._decode_step(token, input_pos)
+            return self._decode_step(token, input_pos, rows)
         try:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self._decode_step(token, input_pos)
+                return self._decode_step(token, input_pos, rows)
         except RuntimeError as e:  # Dynamo found it must recompile after all: take the checked path
             if "skip_guard_eval_unsafe" not in str(e):
                 raise
-            return self._decode_step(token, input_pos)
+            return self._decode_step(token, input_pos, rows)
 
-    def _forward_one(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.model(token, input_pos)[:, -1]  # (B, V)
+    def _forward_one(self, token: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.model(token, input_pos, rows)[:, -1]  # (B, V)
 
-    def _forward_one_reduced(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _forward_one_reduced(self, token: torch.Tensor, input_pos: torch.Tensor,
+                             rows: torch.Tensor | None) -> torch.Tensor:
         """The decode step as compiled on CPU without the gemv op (see cpu.GemvAsReduction)."""
         with cpu.GemvAsReduction():
-            return self._forward_one(token, input_pos)
+            return self._forward_one(token, input_pos, rows)
 
     def _prefill_mode(self):
         """Speed: on a CPU without native bf16, a prompt's bf16/fp16 linears run as float32 GEMMs."""
         reduced = self.device.type == "cpu" and next(self.model.parameters()).dtype != torch.float32
         return cpu.Float32Linears() if reduced and not cpu.native_bf16() else contextlib.nullcontext()
 
-    def _check_batch(self, batch: int):
-        if batch > self.max_batch:
-            self.max_batch = batch
-            self.model.setup_caches(batch, self.max_seq_len)
+
+
+def _positions_and_rows(step: Step, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's ``input_pos`` and ``rows`` for a step. Rows 0 .. B-1 at the same positions (one sequence, the
+    samples of one prompt) go as shared positions (T,) and no rows: the caches' leading rows are views, and a
+    batch-1 decode step takes the fused CPU op. Otherwise (B, T) positions and (B,) rows."""
+    batch, seq_len = step.tokens.shape
+    positions, rows = step.positions.tolist(), step.rows.tolist()
+    if rows == list(range(batch)) and len(set(positions)) == 1:
+        return torch.arange(positions[0], positions[0] + seq_len, device=device), None
+    return step.input_pos.to(device), step.rows.to(device)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """The HTTP application: OpenAI's /v1 endpoints and the chat page, in front of an ``Engine``.
 
 Requests are read (at most ``max_body_bytes``), parsed, checked, tokenized and fitted to the
-context here; only valid turns reach the engine's queue, so the worker (and, distributed, every
-rank) never sees a request that could fail halfway. Parsing and tokenizing run on a thread, not
+context here (and ``n`` to the batch); only valid turns reach the engine, so the worker (and, distributed,
+every rank) never sees a request that could fail halfway. Parsing and tokenizing run on a thread, not
 on the event loop, so that a large body does not stall the streams of other clients.
 """
 
@@ -21,7 +21,7 @@ from torchchat.catalog import canonical_name
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.errors import ConfigError
 from torchchat.server.connections import default_allowed_hosts
-from torchchat.server.engine import Engine, QueuedRequest
+from torchchat.server.engine import Engine, EngineRequest
 from torchchat.server.errors import ApiError, bad_request, install_error_handlers, validation_error
 from torchchat.server.responses import ChatShape, Shape, TextShape, api_error, stream_events
 from torchchat.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -38,7 +38,7 @@ class ServerConfig:
     defaults: GenerationArgs = field(default_factory=GenerationArgs)  # for what a request leaves out
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
-    max_queue: int = 64  # requests waiting beyond this are answered 503
+    max_queue: int = 64  # requests waiting for a free slot beyond this are answered 503
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish after SIGINT/SIGTERM
     max_body_bytes: int = 8 * 2**20  # larger request bodies are answered 413 unread
     max_connections: int = 256  # open connections beyond this are closed at once
@@ -94,7 +94,7 @@ class _Routes:
         return HTMLResponse(self.page)
 
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.config.model_id, "queued": self.engine.queued}
+        return {"status": "ok", "model": self.config.model_id, **self.engine.health()}
 
     async def models(self) -> dict:
         return {"object": "list", "data": [self._card()]}
@@ -166,15 +166,18 @@ class _Routes:
             args = body.generation_args(self.config.defaults, len(tokens), self.generator.max_seq_len)
         except ConfigError as e:  # a combination that GenerationArgs refuses
             raise bad_request(str(e)) from e
-        queued = self.engine.submit(Turn(tokens, args))
+        if body.n > (rows := self.generator.max_batch):
+            raise bad_request(f"n ({body.n}) exceeds the {rows} sequences this server runs at once (--max-batch "
+                              f"{rows}); ask for fewer", "n")
+        submitted = self.engine.submit(Turn(tokens, args))
         if body.stream:
-            events = stream_events(shape, queued, len(tokens), body.include_usage)
+            events = stream_events(shape, submitted, len(tokens), body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completions = await _result_unless_gone(queued, request)
+        completions = await _result_unless_gone(submitted, request)
         if completions is None:
             return Response(status_code=499)  # nobody is listening; the status is only for the access log
-        return shape.response(completions, len(tokens))
+        return shape.response(completions, len(tokens), submitted.cached_tokens)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -196,9 +199,9 @@ def _too_large(size: int, limit: int) -> ApiError:
                          f"(--max-body-size)", code="request_too_large")
 
 
-async def _result_unless_gone(queued: QueuedRequest, request: Request):
-    """The completions, or None when the client hung up first (the worker then stops between tokens)."""
-    task = asyncio.ensure_future(queued.result())
+async def _result_unless_gone(submitted: EngineRequest, request: Request):
+    """The completions, or None when the client hung up first (its sequences then leave the batch)."""
+    task = asyncio.ensure_future(submitted.result())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
@@ -211,5 +214,5 @@ async def _result_unless_gone(queued: QueuedRequest, request: Request):
                 return None
     finally:
         if not task.done():
-            queued.cancel()
+            submitted.cancel()
             task.cancel()

@@ -1,8 +1,8 @@
 """OpenAI's response bodies and stream chunks, for chat and for plain completions.
 
-A stream is Server-Sent Events: ``data: {chunk}`` lines, then ``data: [DONE]``. Sequence 0 streams
-token by token; with ``n`` > 1 the other sequences arrive whole at the end (each chunk names its
-choice ``index``, so clients assemble them alike).
+A stream is Server-Sent Events: ``data: {chunk}`` lines, then ``data: [DONE]``. Every sequence (choice)
+streams token by token as the batch generates it; each chunk names its choice ``index``, so with ``n`` > 1
+the choices' pieces interleave and clients assemble them by index.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from typing import AsyncIterator
 
 from torchchat.generate.base import Completion
 from torchchat.errors import ConfigError
-from torchchat.server.engine import QueuedRequest
+from torchchat.server.engine import EngineRequest
 from torchchat.server.errors import ApiError, bad_request
 
 
-def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
-    """Token counts; the completion tokens of every choice, a stop token included (it was generated)."""
+def usage(prompt_tokens: int, completions: list[Completion], cached_tokens: int = 0) -> dict:
+    """Token counts; the completion tokens of every choice, a stop token included (it was generated).
+    ``cached_tokens``: the prompt's tokens found in a KV cache row (prefix reuse), as OpenAI reports them."""
     completion_tokens = sum(len(c.tokens) for c in completions)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def api_error(e: Exception) -> ApiError:
@@ -55,10 +57,10 @@ class Shape:
         """Choices of a first chunk sent before any text (chat announces the role)."""
         return []
 
-    def response(self, completions: list[Completion], prompt_tokens: int) -> dict:
+    def response(self, completions: list[Completion], prompt_tokens: int, cached_tokens: int = 0) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [self.choice(i, c) for i, c in enumerate(completions)],
-                "usage": usage(prompt_tokens, completions)}
+                "usage": usage(prompt_tokens, completions, cached_tokens)}
 
     def chunk(self, choices: list[dict], **extra) -> str:
         body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -133,28 +135,28 @@ class StopHoldBack:
         return out
 
 
-async def stream_events(shape: Shape, request: QueuedRequest, prompt_tokens: int,
+async def stream_events(shape: Shape, request: EngineRequest, prompt_tokens: int,
                         include_usage: bool) -> AsyncIterator[str]:
     """The SSE body of a streamed request; leaving early (the client went away) cancels the generation."""
     extra = {"usage": None} if include_usage else {}
-    hold = StopHoldBack(request.turn.args.stop)
+    n = request.turn.args.num_samples
+    holds = [StopHoldBack(request.turn.args.stop) for _ in range(n)]  # one per choice
     try:
-        if opening := shape.opening(request.turn.args.num_samples):
+        if opening := shape.opening(n):
             yield shape.chunk(opening, **extra)
-        async for piece in request.text():
-            if text := hold.push(piece):
-                yield shape.chunk([shape.delta(0, text)], **extra)
+        async for index, piece in request.text():
+            if text := holds[index].push(piece):
+                yield shape.chunk([shape.delta(index, text)], **extra)
         completions = request.completions
-        if rest := hold.finish(completions[0].text):
-            yield shape.chunk([shape.delta(0, rest)], **extra)
-        for i, c in enumerate(completions[1:], start=1):
-            yield shape.chunk([shape.delta(i, c.text)], **extra)
+        for i, c in enumerate(completions):
+            if rest := holds[i].finish(c.text):
+                yield shape.chunk([shape.delta(i, rest)], **extra)
         for i, c in enumerate(completions):
             yield shape.chunk([shape.delta(i, None, c.finish_reason)], **extra)
         if include_usage:
-            yield shape.chunk([], usage=usage(prompt_tokens, completions))
+            yield shape.chunk([], usage=usage(prompt_tokens, completions, request.cached_tokens))
     except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
         yield sse(api_error(e).body())
     finally:
-        request.cancel()  # no-op once done; on a disconnect it stops the worker between tokens
+        request.cancel()  # no-op once done; on a disconnect its sequences leave the batch before the next step
     yield sse("[DONE]")

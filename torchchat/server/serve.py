@@ -1,10 +1,10 @@
-"""Running the server: bind the port, run uvicorn until SIGINT/SIGTERM; ``follow`` for the other ranks.
+"""Running the server: bind the port, run uvicorn until SIGINT/SIGTERM.
 
 Shutdown: uvicorn stops accepting connections and gives in-flight requests ``shutdown_timeout``
 seconds to finish (a second Ctrl-C ends that wait); then the engine cuts what is left (each such
-request ends with a 503 error, the running generation stops between two tokens). The application's
+request ends with a 503 error, its sequences leave the batch before the next step). The application's
 lifespan then stops the engine, whose worker calls ``generator.end_session()`` so that distributed
-followers leave their loop; the listening socket closes with the server.
+followers (``generator.follow()`` on the other ranks) return; the listening socket closes with the server.
 """
 
 from __future__ import annotations
@@ -45,18 +45,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(generator: Generator, config: ServerConfig, *, sock: socket.socket | None = None,
-          cancellable: bool = True, launched: bool = False):
+def serve(generator: Generator, config: ServerConfig, *, sock: socket.socket | None = None, launched: bool = False):
     """Serve ``generator`` over HTTP until SIGINT or SIGTERM (runs on the I/O process only).
 
-    ``cancellable=False`` for a distributed generator: see ``Engine``. ``launched``: under a launcher
-    that forwards a terminal's Ctrl-C to this process, which got it already (see ``SIGINT_ECHO_S``).
+    ``launched``: under a launcher that forwards a terminal's Ctrl-C to this process, which got it already
+    (see ``SIGINT_ECHO_S``).
     """
     sock = sock or bind(config.host, config.port)
     _log_to_stderr()
     raise_open_file_limit(config.max_connections + 256)  # room for the cap, the model's files and the ranks
     quiet_accept_errors()
-    engine = Engine(generator, cancellable=cancellable, max_queue=config.max_queue)
+    engine = Engine(generator, max_queue=config.max_queue)
     app = HostCheck(create_app(engine, config), config.allowed_hosts)
     server = _Server(uvicorn.Config(app, log_level="info", http=guarded_protocol(config.max_connections),
                                     timeout_keep_alive=KEEP_ALIVE_S,
@@ -112,21 +111,6 @@ class _Server(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             cut.cancel()
-
-
-def follow(generator: Generator):
-    """A distributed rank other than the I/O one: take part in each request until the server stops.
-
-    A request that fails fails here as on the serving rank (the same turn, the same step: requests are
-    validated before they are shared), so the follower goes on to the next one as the worker does.
-    """
-    for turn in generator.shared_turns():
-        try:
-            generator.complete(turn)
-        except Exception as e:  # noqa: BLE001 - the serving rank answers the client; both go on
-            first_line = (str(e).splitlines() or [""])[0]
-            print(f"a request failed on this rank as on the serving one: {type(e).__name__}: {first_line}",
-                  file=sys.stderr, flush=True)
 
 
 def _url_host(host: str) -> str:

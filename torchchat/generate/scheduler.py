@@ -1,0 +1,234 @@
+"""The schedule of continuous batching: which sequences run in each forward step, in which KV cache rows.
+
+Each ``step()`` (llama.cpp's server loop and vLLM's scheduler work alike, see shared/SERVING.md):
+
+1. waiting requests join while free cache rows (slots) last: a request of ``n`` samples takes ``n``;
+2. one prompt chunk (at most ``prefill_chunk`` tokens) of the oldest joined request whose prompt is not yet
+   in its rows: a long prompt is fed over several steps, so the running streams stall for one chunk at most;
+   its last chunk gives the request's first tokens;
+3. one token of every sequence already decoding, each at its own position in its own row.
+
+A forward never mixes sequences of different requests in one prompt chunk, and each decoded row is computed
+on its own (the backends' kernels keep rows independent), so a sequence's tokens do not depend on what runs
+beside it. Finished sequences leave between steps; their rows keep their tokens for prefix reuse: a request
+whose prompt starts with a free row's tokens (the next turn of a chat) is fed only the rest.
+
+A backend whose forwards overlap (a pipeline: ``Generator.max_in_flight`` > 1) gets up to that many steps
+in flight: the decoding sequences are split into that many groups, and a group's next step starts as soon as
+its own tokens are back, while the other groups are in the pipe.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from torchchat.generate.requests import Request, Sequence
+
+PREFILL_CHUNK = 256  # prompt tokens per forward (times the request's samples): ~0.3 s of SmolLM2 on 2 cores
+
+
+@dataclass
+class Step:
+    """One forward: B rows of T tokens, row i at positions [positions[i], positions[i] + T) of cache row rows[i]."""
+
+    tokens: torch.Tensor  # (B, T) int64
+    positions: torch.Tensor  # (B,) int64
+    rows: torch.Tensor  # (B,) int64
+    sequences: list[Sequence] = field(repr=False, default_factory=list)  # the scheduler's, on the scheduling process
+    prefill: bool = False  # a prompt chunk (one request's rows)
+    last_chunk: bool = True  # a prompt chunk that ends the prompt: its logits give the first tokens
+
+    @property
+    def input_pos(self) -> torch.Tensor:
+        """(B, T): each row's positions."""
+        return self.positions.view(-1, 1) + torch.arange(self.tokens.size(1), device=self.positions.device)
+
+
+@dataclass
+class Slot:
+    """One KV cache row: the tokens whose keys and values it holds (from position 0), and who uses it."""
+
+    index: int
+    cached: list[int] = field(default_factory=list)
+    sequence: Sequence | None = None
+    last_used: int = 0
+
+
+class Scheduler:
+    """Joins, prompt chunks, decode steps and leaves for a generator's requests (see the module docstring)."""
+
+    def __init__(self, generator, max_batch: int, prefill_chunk: int = PREFILL_CHUNK, prefix_reuse: bool = True):
+        self.gen = generator
+        self.slots = [Slot(i) for i in range(max_batch)]
+        self.prefill_chunk = prefill_chunk
+        self.prefix_reuse = prefix_reuse
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # joined, in order of joining
+        self._clock = itertools.count(1)
+        self._in_flight: deque[Step] = deque()
+
+    @property
+    def max_batch(self) -> int:
+        return len(self.slots)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request):
+        if request.turn.args.num_samples > self.max_batch:
+            raise ValueError(f"{request.turn.args.num_samples} samples exceed the {self.max_batch} cache rows")
+        self.waiting.append(request)
+
+    def cancel(self, request: Request, error: BaseException):
+        """End ``request`` now (a client left, Ctrl-C): its rows are free for the next step."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self._leave(request)
+        if not request.done:
+            request.finish(error)
+
+    def fail_all(self, error: BaseException):
+        """A forward failed: every request in the schedule ends with ``error`` (the caches may be half written)."""
+        self._in_flight.clear()
+        for request in list(self.running) + list(self.waiting):
+            self.cancel(request, error)
+        for slot in self.slots:
+            slot.cached = []
+
+    # ----- one step -----
+
+    def step(self):
+        """Run what can run now: joins, then a prompt chunk and the decode steps (see the module docstring)."""
+        self._admit()
+        if self.waiting and not self.running and not self._in_flight:
+            raise RuntimeError(f"internal error: {len(self.waiting)} request(s) wait for cache rows that nothing "
+                               f"runs in")  # rows leaked: fail rather than spin forever
+        depth = self.gen.max_in_flight
+        for step in self._next_steps(depth):
+            self.gen.start(step)
+            self._in_flight.append(step)
+            if len(self._in_flight) >= depth:
+                self._finish_oldest()
+        while self._in_flight and (depth == 1 or not self._has_ready_work()):
+            self._finish_oldest()
+
+    def _has_ready_work(self) -> bool:
+        """Is anything runnable that is not waiting on a step in flight (a pipeline keeps it busy)?"""
+        busy = {id(seq) for step in self._in_flight for seq in step.sequences}
+        return any(id(seq) not in busy for request in self.running for seq in request.sequences
+                   if not seq.finished)
+
+    def _finish_oldest(self):
+        step = self._in_flight.popleft()
+        logits = self.gen.finish()  # (B, V) at each row's last token
+        self._after(step, logits)
+
+    def _next_steps(self, depth: int) -> list[Step]:
+        """The steps to start now: a prompt chunk, then the decoding sequences not already in flight, in up to
+        ``depth`` groups."""
+        busy = {id(seq) for step in self._in_flight for seq in step.sequences}
+        steps = []
+        prefilling = next((r for r in self.running if not r.sequences[0].decoding
+                           and id(r.sequences[0]) not in busy), None)
+        if prefilling is not None:
+            steps.append(self._prompt_chunk(prefilling))
+        decoding = [seq for r in self.running for seq in r.sequences
+                    if seq.decoding and not seq.finished and id(seq) not in busy]
+        if decoding:
+            groups = min(len(decoding), max(1, depth - len(self._in_flight) - len(steps)))
+            size = -(-len(decoding) // groups)
+            steps += [self._decode_step(decoding[i:i + size]) for i in range(0, len(decoding), size)]
+        return steps
+
+    def _prompt_chunk(self, request: Request) -> Step:
+        seqs = request.sequences
+        per_row = max(1, self.prefill_chunk // len(seqs))
+        chunk = seqs[0].pending[:per_row]
+        last = len(chunk) == len(seqs[0].pending)
+        tokens = torch.tensor([chunk] * len(seqs), dtype=torch.long)  # (n, T): every sample feeds the prompt
+        return Step(tokens, torch.tensor([s.pos for s in seqs]), torch.tensor([s.slot for s in seqs]), list(seqs),
+                    prefill=True, last_chunk=last)
+
+    def _decode_step(self, seqs: list[Sequence]) -> Step:
+        tokens = torch.tensor([s.pending for s in seqs], dtype=torch.long)  # (B, 1): each one's newest token
+        return Step(tokens, torch.tensor([s.pos for s in seqs]), torch.tensor([s.slot for s in seqs]), seqs)
+
+    def _after(self, step: Step, logits: torch.Tensor):
+        """Book what the step fed into the caches; sample the rows that have a new token; let finished ones leave.
+        Rows of a request cancelled while the step was in flight are skipped: their cache row may have a new
+        occupant, whose own steps come after this one."""
+        fed = step.tokens.size(1)
+        live = [(i, seq) for i, seq in enumerate(step.sequences) if not seq.request.done]
+        for _, seq in live:
+            self.slots[seq.slot].cached += seq.pending[:fed]
+            seq.pending = seq.pending[fed:]
+            seq.pos += fed
+        if not live or (step.prefill and not step.last_chunk):
+            return
+        if all(seq.request.turn.args.temperature == 0 for _, seq in live):
+            best = logits.argmax(dim=-1).tolist()  # (B,): greedy rows need no generator
+            tokens = [best[i] for i, _ in live]
+        else:
+            tokens = [seq.sample(logits[i]) for i, seq in live]
+        for (_, seq), token in zip(live, tokens):
+            seq.accept(token)
+        if step.prefill:
+            live[0][1].request.first_tokens()
+        for request in {id(seq.request): seq.request for _, seq in live}.values():
+            if all(seq.finished for seq in request.sequences):
+                self._leave(request)
+                request.finish()
+
+    # ----- joining and leaving -----
+
+    def _admit(self):
+        while self.waiting:
+            request = self.waiting[0]
+            free = [slot for slot in self.slots if slot.sequence is None]
+            if len(free) < len(request.sequences):
+                return  # first come, first served: nobody overtakes the oldest
+            self.waiting.popleft()
+            self._join(request, free)
+
+    def _join(self, request: Request, free: list[Slot]):
+        prompt = request.turn.tokens
+        if len(request.sequences) == 1 and self.prefix_reuse:
+            slot, reused = self._best_slot(prompt, free)
+            chosen = [slot]
+        else:  # several samples feed their prompt together, from position 0
+            chosen, reused = sorted(free, key=lambda s: s.last_used)[:len(request.sequences)], 0
+        request.reused = reused
+        now = next(self._clock)
+        for seq, slot in zip(request.sequences, chosen):
+            slot.sequence, slot.last_used = seq, now
+            slot.cached = slot.cached[:reused]
+            seq.slot, seq.pos, seq.pending = slot.index, reused, list(prompt[reused:])
+        self.running.append(request)
+
+    def _best_slot(self, prompt: list[int], free: list[Slot]) -> tuple[Slot, int]:
+        """The free row to use and how many of the prompt's tokens it already holds.
+
+        Only a row whose tokens all start the prompt is reused (the conversation it holds goes on), the
+        longest first; at least one prompt token is fed, for its logits. Otherwise an empty row, else the least
+        recently used, from position 0: a prefix shared with another conversation (a system prompt) is fed
+        again, so that a request's tokens do not depend on which requests came before it (a prompt fed in
+        other chunks rounds differently)."""
+        def extends(slot: Slot) -> bool:
+            return 0 < len(slot.cached) < len(prompt) and prompt[:len(slot.cached)] == slot.cached
+        extending = [s for s in free if extends(s)]
+        if extending:
+            slot = max(extending, key=lambda s: len(s.cached))
+            return slot, len(slot.cached)
+        return next((s for s in free if not s.cached), None) or min(free, key=lambda s: s.last_used), 0
+
+    def _leave(self, request: Request):
+        self.running.remove(request)
+        for seq in request.sequences:
+            if seq.slot >= 0 and self.slots[seq.slot].sequence is seq:
+                self.slots[seq.slot].sequence = None
