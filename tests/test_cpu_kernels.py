@@ -226,14 +226,15 @@ def one_op(kind: str, out_features: int):
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4", "int4-g64"])
 def test_gemv_rows_equal_one_row_calls(kind, rows, two_threads):
-    """Several rows (a decode step's sequences) read the weight once for all of them, and each row's output is
-    bit-identical to the one-row call on that row: its own int16/int8 rounding of x, its own accumulators. Rows of
-    different scales, so that a rounding shared between rows shows."""
+    """Several rows (a decode step's sequences) read the weight once for all of them, and each row's output (on 2
+    threads) is bit-identical to the one-row call on that row (on 1): its own int16/int8 rounding of x, its own
+    accumulators. Rows of different scales, so that a rounding shared between rows shows."""
     torch.manual_seed(rows)
     op, in_features = one_op(kind, 160)  # 160 outputs: more than a thread's 64-row grain
     x = torch.randn(rows, 1, in_features) * torch.logspace(-2, 2, rows).view(rows, 1, 1)
     y = op(x)
     assert y.shape == (rows, 1, 160)
+    torch.set_num_threads(1)  # and alone on one thread
     for r in range(rows):
         assert torch.equal(y[r], op(x[r:r + 1])[0]), f"row {r} of {rows}"
 
@@ -334,13 +335,14 @@ def test_decode_attention_matches_float64_reference(shape, cache_dtype):
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_decode_attention_rows_equal_one_row_calls(batch, cache_dtype, two_threads):
-    """A batch's sequences, each at its own position in its own cache row (scrambled), in one parallel region:
-    each row's output is bit-identical to the call with that row alone."""
+    """A batch's sequences, each at its own position in its own cache row (scrambled), in one parallel region on 2
+    threads: each row's output is bit-identical to the call with that row alone on 1 thread."""
     torch.manual_seed(batch)
     q = torch.randn(batch, 4, 1, 64) * 3
     k, v = torch.randn(2, 10, 2, 200, 64).to(cache_dtype).unbind(0)  # 10 cache rows of 200 positions
     rows, positions = torch.randperm(10)[:batch], torch.randperm(200)[:batch]  # 1 to 4 64-position units a head
     out = torch.ops.torchchat.decode_attention(q, k, v, positions, rows)
+    torch.set_num_threads(1)  # and alone on one thread
     for b in range(batch):
         alone = torch.ops.torchchat.decode_attention(q[b:b + 1], k, v, positions[b:b + 1], rows[b:b + 1])
         assert torch.equal(out[b:b + 1], alone), f"row {b} of {batch}"

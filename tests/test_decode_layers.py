@@ -130,22 +130,23 @@ def scrambled_step(model: Transformer, batch: int, seed: int):
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32], ids=["fp16-cache", "fp32-cache"])
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8", "int4", "int4-g64"])
 def test_batch_rows_equal_one_row_calls(weights, cache_dtype, batch):
-    """The op on a batch of sequences, each at its own position in its own cache row (scrambled): each row's output
-    and cache writes are bit-identical to the op on that row alone, and nothing else of the caches changes."""
+    """The op on a batch of sequences, each at its own position in its own cache row (scrambled), on 2 threads: each
+    row's output and cache writes are bit-identical to the op on that row alone on 1 thread, and nothing else of
+    the caches changes."""
     model = random_model(BATCH_ARGS, weights, cache_dtype=cache_dtype, max_batch=CACHE_ROWS)
-    torch.set_num_threads(2)  # a weight's rows split over threads as in a run
-    try:
-        with torch.no_grad():
-            random_caches(model)
-            before = caches(model)
-            h, rope, positions, rows = scrambled_step(model, batch, seed=batch)
+    with torch.no_grad():
+        random_caches(model)
+        before = caches(model)
+        h, rope, positions, rows = scrambled_step(model, batch, seed=batch)
+        torch.set_num_threads(2)  # a weight's rows and the attention's units split over threads as in a run
+        try:
             together = cpu_kernels.decode_layers(model, h, rope, positions, rows)  # (B, 1, dim)
-            after_together = caches(model)
-            set_caches(model, before)
-            alone = [cpu_kernels.decode_layers(model, h[b:b + 1], rope[b:b + 1], positions[b:b + 1], rows[b:b + 1])
-                     for b in range(batch)]
-    finally:
-        torch.set_num_threads(1)
+        finally:
+            torch.set_num_threads(1)
+        after_together = caches(model)
+        set_caches(model, before)
+        alone = [cpu_kernels.decode_layers(model, h[b:b + 1], rope[b:b + 1], positions[b:b + 1], rows[b:b + 1])
+                 for b in range(batch)]
     for b in range(batch):
         assert torch.equal(together[b:b + 1], alone[b]), f"row {b} of {batch}"
     written = torch.zeros(CACHE_ROWS, 64, dtype=torch.bool)  # (cache row, position)
