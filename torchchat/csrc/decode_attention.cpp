@@ -33,7 +33,8 @@ using namespace torchchat_cpu;
 
 at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
                             const at::Tensor &input_pos, const at::Tensor &rows) {
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  input_pos.device().is_cpu() && rows.device().is_cpu(),
               "torchchat::decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "torchchat::decode_attention: q must be (B, heads, 1, head_dim), got ",
               q.sizes());

@@ -311,6 +311,8 @@ void check_step(const at::Tensor &rope, const at::Tensor &positions, const at::T
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == n_rows * first.head_dim,
               "torchchat::decode_layers: rope must be (", n_rows, ", 1, ", first.head_dim / 2, ", 2) float32, got ",
               rope.sizes(), " ", rope.scalar_type());
+  TORCH_CHECK(rope.device().is_cpu() && positions.device().is_cpu() && cache_rows.device().is_cpu(),
+              "torchchat::decode_layers: CPU tensors only");
   TORCH_CHECK(positions.numel() == n_rows && cache_rows.numel() == n_rows, "torchchat::decode_layers: ", n_rows,
               " sequences need ", n_rows, " positions and ", n_rows, " cache rows, got ", positions.numel(), " and ",
               cache_rows.numel());
