@@ -3,15 +3,15 @@ gemv ops for decode steps, PyTorch's where those are unavailable).
 
 ``quantize_model(model, "int8" | "int4")`` replaces, in place, every ``nn.Linear`` whose shape the
 kernel supports with a quantized linear; activations, norms and attention keep the model's dtype.
-A batch-1 decode step reads every weight once per token, so fewer weight bytes are fewer bytes to
+A decode step reads every weight once per step, so fewer weight bytes are fewer bytes to
 stream from memory:
 
-- int8: one float32 scale per output row (symmetric). 1 byte per weight. A one-row input (a decode
-  step) goes to ``torch.ops.torchchat.gemv`` (see torchchat.cpu), in float32; without it, to
-  ``aten._weight_int8pack_mm``.
+- int8: one float32 scale per output row (symmetric). 1 byte per weight. An input of a few rows (a decode
+  step's sequences, up to ``kernels.MAX_GEMV_ROWS``) goes to ``torch.ops.torchchat.gemv`` (see torchchat.cpu), in
+  float32; without it, to ``aten._weight_int8pack_mm``.
 - int4: groups of ``group_size`` weights along the input dimension share a scale and a min
   (asymmetric, min-max; llama.cpp's Q4_1 with groups of 32), float16 scales and mins: 0.625 bytes a
-  weight. ``Int4Linear`` sends a one-row input to ``torch.ops.torchchat.gemv_int4``, which rounds the
+  weight. ``Int4Linear`` sends an input of a few rows to ``torch.ops.torchchat.gemv_int4``, which rounds the
   activations to int8 in blocks of 32 for integer dot products (as llama.cpp does; ~0.5% error a
   product). Without the op, ``Int4PackedLinear`` holds the same grid for ``aten._weight_int4pack_mm_for_cpu``.
 
@@ -74,7 +74,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (B * T, in)
         if rows.size(0) >= _PREFILL_ROWS:
             return self._float32_linear(x)
-        if cpu_kernels.supports(rows, self.weight):  # one row: see torchchat.cpu
+        if cpu_kernels.supports(rows, self.weight):  # a decode step's few rows: see torchchat.cpu
             return torch.ops.torchchat.gemv(x, self.weight, self.scales)
         y = torch.ops.aten._weight_int8pack_mm(rows.to(_COMPUTE_DTYPE), self.weight,
                                                self.scales.to(_COMPUTE_DTYPE))  # (B * T, out)
@@ -108,9 +108,10 @@ class Int4Linear(nn.Module):
     Q4_1 layout, groups of g inputs), stored as ``torch.ops.torchchat.gemv_int4`` reads it.
 
     ``packed`` is (out, in / 2) uint8: in each block of 32 weights of a row, byte j holds q[j] in its low
-    half and q[j + 16] in its high half. ``scales_and_mins`` is (out, in / g, 2) float16. A one-row input
-    (a decode step) goes to the op; longer ones (prompts) dequantize a slice of rows at a time for a
-    float32 GEMM. Where the op is unavailable, quantize_model uses Int4PackedLinear (aten's kernel).
+    half and q[j + 16] in its high half. ``scales_and_mins`` is (out, in / g, 2) float16. An input of at
+    most ``kernels.MAX_GEMV_ROWS`` rows (a decode step's sequences) goes to the op; longer ones (prompts)
+    dequantize a slice of rows at a time for a float32 GEMM. Where the op is unavailable, quantize_model uses
+    Int4PackedLinear (aten's kernel).
     """
 
     def __init__(self, packed: torch.Tensor, scales_and_mins: torch.Tensor, group_size: int):
@@ -145,7 +146,7 @@ class Int4Linear(nn.Module):
         return self.packed, self.scales_and_mins, self.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.device.type == "cpu" and cpu_kernels.available():
+        if self.packed.device.type == "cpu" and cpu_kernels.takes_rows(x):
             return torch.ops.torchchat.gemv_int4(x, self.packed, self.scales_and_mins, self.group_size)
         return cpu_kernels.float32_linear(x, self.out_features, self.dequantize)
 

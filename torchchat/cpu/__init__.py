@@ -8,8 +8,9 @@ Applied from outside to a plain ``model.Transformer`` on CPU, as torchtitan's pa
   exactly, short of its range;
 - attention in float32 over the filled cache positions only (``decode.CPUAttention``), one-position steps
   through ``torch.ops.torchchat.decode_attention``;
-- bias-free ``nn.Linear`` layers swapped for ``GemvLinear`` (one-row inputs through the gemv op);
-- a batch-1 decode step's blocks in one ``torch.ops.torchchat.decode_layers`` call (``decode.CPUTransformer``).
+- bias-free ``nn.Linear`` layers swapped for ``GemvLinear`` (inputs of a few rows through the gemv op);
+- a decode step's blocks (up to ``kernels.MAX_GEMV_ROWS`` sequences, each at its own position in its own cache row)
+  in one ``torch.ops.torchchat.decode_layers`` call (``decode.CPUTransformer``).
 
 The kernels (``kernels``, sources in ``torchchat/csrc/``) are built at first use; where they are not
 available only the first two apply, with torch's kernels. ``modes`` holds the torch function modes a
@@ -36,7 +37,7 @@ def install(model, *, linears: bool = True, fuse_layers: bool = True) -> dict[st
     """Apply the CPU fast path to ``model`` (a ``Transformer``, or a pipeline stage of one) in place.
 
     ``linears=False`` leaves the linears alone (a tensor-parallel rank whose layers are DTensor modules);
-    ``fuse_layers=False`` keeps a batch-1 step's blocks as modules (a TP rank all-reduces inside a block).
+    ``fuse_layers=False`` keeps a decode step's blocks as modules (a TP rank all-reduces inside a block).
     Caches allocated from then on are float16 unless asked otherwise (``setup_caches(dtype=...)``); caches
     allocated before keep theirs. Call it again after replacing any of the model's modules or parameters.
     Returns what was routed to the ops: {"gemv": n linears, "attention": n layers, "fused": n layers},

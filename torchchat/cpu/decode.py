@@ -1,7 +1,7 @@
 """The modules ``torchchat.cpu.install`` puts into a plain model: ``GemvLinear`` for bias-free linears,
 ``CPUAttention`` and ``CPUTransformer`` (subclasses the model's ``Attention`` and ``Transformer`` are switched
-to in place, so parameter names and checkpoints are unchanged), and ``FusedDecode``, the batch-1 step's blocks
-in one ``torch.ops.torchchat.decode_layers`` call.
+to in place, so parameter names and checkpoints are unchanged), and ``FusedDecode``, a decode step's blocks (a
+batch of sequences, each at its own position) in one ``torch.ops.torchchat.decode_layers`` call.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def _block_linears(block) -> tuple:
 
 
 class GemvLinear(torch.nn.Module):
-    """A bias-free linear layer that sends a one-row input (a batch-1 decode step) to the op.
+    """A bias-free linear layer that sends an input of at most ``kernels.MAX_GEMV_ROWS`` rows (a decode step's
+    sequences, a short prompt) to the op: the weight is read once for all of them, and each row's result is the
+    one it gets alone.
 
     Holds the very ``weight`` Parameter of the layer it replaces (a tied output layer stays tied) and
-    gives every other input (a prompt, several sequences) to ``F.linear``, so prefill is unchanged.
+    gives every other input (a prompt) to ``F.linear``, so prefill is unchanged.
     """
 
     def __init__(self, weight: torch.nn.Parameter):
@@ -51,7 +53,7 @@ class GemvLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, one-row gemv"
+        return f"in_features={self.in_features}, out_features={self.out_features}, gemv"
 
 
 def use_gemv(model: torch.nn.Module) -> int:
@@ -81,10 +83,10 @@ class CPUAttention(Attention):
     decode_attention = None  # the op, or None: torch's attention
 
     def attend(self, q, k, v, mask, input_pos, rows=None) -> torch.Tensor:
-        shared = rows is None and input_pos.dim() == 1  # rows 0 .. B-1 at the same positions
+        if q.size(2) == 1 and self.decode_attention is not None and k.dtype in CACHE_DTYPES:
+            positions, cache_rows_ = step_rows(input_pos, rows, q.size(0))  # (B,), (B,)
+            return self.decode_attention(q, k, v, positions, cache_rows_)  # (B, n_heads, 1, head_dim)
         k, v = cache_rows(k, v, q.size(0), rows)  # (B, n_kv_heads, S, head_dim)
-        if q.size(2) == 1 and shared and self.decode_attention is not None and k.dtype in CACHE_DTYPES:
-            return self.decode_attention(q, k, v, input_pos)  # (B, n_heads, 1, head_dim)
         k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # (B, n_kv_heads, kv_len, head_dim)
         gqa = q.size(1) != k.size(1)
         if q.dtype != torch.float32 or k.dtype != torch.float32:
@@ -93,16 +95,26 @@ class CPUAttention(Attention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def step_rows(input_pos: torch.Tensor, rows: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-position step's (positions, cache rows) as the ops take them, each (B,): input_pos is (1,), shared by
+    every row, or (B, 1), a row's own; rows (B,), or None for rows 0 .. B-1."""
+    positions = input_pos.reshape(-1).expand(batch)  # (B,)
+    if rows is None:
+        rows = torch.arange(batch, device=input_pos.device)
+    return positions, rows
+
+
 class CPUTransformer(Transformer):
-    """``Transformer`` on CPU: a batch-1 decode step's blocks through ``decode_layers`` (a ``FusedDecode``,
-    set by ``use_fused_decode``), and in eager mode attention over the filled cache positions only."""
+    """``Transformer`` on CPU: a decode step's blocks (one position of each of up to ``kernels.MAX_GEMV_ROWS``
+    sequences, each at its own position in its own cache row) through ``decode_layers`` (a ``FusedDecode``, set by
+    ``use_fused_decode``), and in eager mode attention over the filled cache positions only."""
 
     decode_layers = None  # a FusedDecode, or None: the blocks' modules
 
     def forward_layers(self, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor,
                        rows: torch.Tensor | None = None) -> torch.Tensor:
-        if self.decode_layers is not None and h.size(0) == 1 and h.size(1) == 1 and rows is None:
-            out = self.decode_layers(self, h, rope, input_pos)  # (1, 1, dim), or None: caches it cannot read
+        if self.decode_layers is not None and h.size(1) == 1 and h.size(0) <= kernels.MAX_GEMV_ROWS:
+            out = self.decode_layers(self, h, rope, input_pos, rows)  # (B, 1, dim), or None: caches it cannot read
             if out is not None:
                 return out
         return super().forward_layers(h, rope, input_pos, rows)
@@ -149,9 +161,9 @@ def use_decode_attention(model: torch.nn.Module) -> int:
 
 
 def use_fused_decode(model: torch.nn.Module) -> int:
-    """Send the model's steps of one position of one sequence (batch-1 decode) through all its layers to
-    ``torch.ops.torchchat.decode_layers``: one call a token, ~5 thread wake-ups a layer instead of ~15 ops
-    and their dispatches (csrc/decode_layers.cpp says why). The model must be a CPUTransformer (``as_cpu``) and
+    """Send the model's decode steps (one position of each of up to ``kernels.MAX_GEMV_ROWS`` sequences) through
+    all its layers to ``torch.ops.torchchat.decode_layers``: one call a step, ~5 thread wake-ups a layer instead of
+    ~15 ops and their dispatches (csrc/decode_layers.cpp says why). The model must be a CPUTransformer (``as_cpu``) and
     every block qualify: norms float32 or bfloat16 with one eps, and each linear giving ``gemv_operands()``
     (GemvLinear: float32/bfloat16; quantize's Int8Linear, Int4Linear); the caches, float16 or float32, are
     checked when the op's arguments are gathered (steps with other caches keep the modules). Prompts and
@@ -180,22 +192,34 @@ class FusedDecode:
         self._arguments: tuple | None = None
         self._first_cache: torch.Tensor | None = None  # the first block's k cache when they were gathered
 
-    def __call__(self, model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor | None:
-        """h (1, 1, dim) through the blocks, or None where the caches are not ones the op reads."""
+    def __call__(self, model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """h (B, 1, dim) through the blocks, or None where the caches are not ones the op reads."""
         if torch.compiler.is_compiling():
-            return decode_layers(model, h, rope, input_pos) if _caches_fit(model) else None
+            return decode_layers(model, h, rope, input_pos, rows) if _caches_fit(model) else None
         first_cache = next(iter(model.layers.values())).attention.kv_cache.k
         if self._first_cache is not first_cache:
             fits = _caches_fit(model)
             self._arguments, self._first_cache = _decode_layers_arguments(model) if fits else None, first_cache
         if self._arguments is None:
             return None
-        return torch.ops.torchchat.decode_layers(h, *self._arguments, rope, input_pos)  # (1, 1, dim)
+        return torch.ops.torchchat.decode_layers(h, *self._arguments, *_step(h, rope, input_pos, rows))  # (B, 1, dim)
 
 
-def decode_layers(model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """h (1, 1, dim) through every block of the model in one op call; writes the position into the caches."""
-    return torch.ops.torchchat.decode_layers(h, *_decode_layers_arguments(model), rope, input_pos)  # (1, 1, dim)
+def decode_layers(model, h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """h (B, 1, dim), one position of each sequence, through every block of the model in one op call; writes each
+    row's position into its cache row. rope, input_pos, rows: as ``Transformer.forward_layers`` takes them."""
+    return torch.ops.torchchat.decode_layers(h, *_decode_layers_arguments(model),
+                                             *_step(h, rope, input_pos, rows))  # (B, 1, dim)
+
+
+def _step(h: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None) -> tuple:
+    """The op's (rope, input_pos, rows) for a step of h's B rows: rope (1, hd / 2, 2), shared, or (B, 1, hd / 2, 2),
+    a row's own, as (B, 1, hd / 2, 2); input_pos and rows as ``step_rows`` gives them."""
+    batch = h.size(0)
+    rope = rope.reshape(-1, 1, *rope.shape[-2:]).expand(batch, -1, -1, -1)  # (B, 1, head_dim // 2, 2)
+    return rope, *step_rows(input_pos, rows, batch)
 
 
 def _decode_layers_arguments(model) -> tuple:

@@ -1,14 +1,14 @@
-"""Batch-1 CPU decode kernels, C++ ops in ``torchchat/csrc/`` built into one library:
-``torch.ops.torchchat.gemv`` (one row times a float32, bfloat16 or int8 weight), ``gemv_int4`` and
-``dequantize_int4`` (quantize.Int4Linear's 4-bit layout), ``decode_attention`` (one query position
-over the filled part of the KV cache), and ``decode_layers`` (all of a model's transformer blocks for one
-position of one sequence, with the same row kernels: see ``torchchat.cpu.install``).
+"""CPU decode kernels, C++ ops in ``torchchat/csrc/`` built into one library: ``torch.ops.torchchat.gemv`` (a few
+rows times a float32, bfloat16 or int8 weight), ``gemv_int4`` and ``dequantize_int4`` (quantize.Int4Linear's 4-bit
+layout), ``decode_attention`` (one query position of each sequence over the filled part of its KV cache row), and
+``decode_layers`` (all of a model's transformer blocks for one position of each sequence of a batch, with the same
+row kernels: see ``torchchat.cpu.install``).
 
-A decode step at batch 1 multiplies one row of activations by every weight matrix, so it is bound
-by how fast the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that:
-MKL's float32 matrix-vector product runs on one thread, and oneDNN (like Inductor's fused loop)
-converts bfloat16 at about half the memory's rate. ``gemv.cpp`` reads each weight once, converts it
-in registers and splits the rows over torch's threads.
+A decode step multiplies one row of activations per sequence by every weight matrix, so it is bound by how fast
+the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that: MKL's float32
+matrix-vector product runs on one thread, and oneDNN (like Inductor's fused loop) converts bfloat16 at about half
+the memory's rate. ``gemv.cpp`` reads each weight once for all the rows of a step, converts it in registers and
+splits the weight's rows over torch's threads; each sequence's result is bit-identical to a batch of one.
 
 The library is compiled against the installed torch at first use (~30 s, once: it is kept in
 ``$TORCHCHAT_CACHE``, default ``~/.cache/torchchat``, keyed by the sources, torch version and compiler;
@@ -34,11 +34,20 @@ import torch.utils.cpp_extension
 CSRC = Path(__file__).parent.parent / "csrc"  # torchchat/csrc
 # Compiled; csrc's headers are in the build's key too.
 SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
+# -ffp-contract=off: a float expression is computed as written (no multiply-add fused at the compiler's choice), so a
+# row's arithmetic is the same in every kernel that inlines it: batch rows bit-identical to a batch of one.
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 CACHE_DTYPES = (torch.float16, torch.float32)  # KV caches the attention kernels read (csrc/attend.h)
 _ENV_SWITCH = "TORCHCHAT_CPU_KERNELS"
 SLICE_BYTES = 64 * 2**20  # float32 weight that float32_linear converts at a time
+# The most rows (a decode step's sequences, a short prompt) given to the row kernels; more go to torch's GEMMs. The
+# largest batch at which every weight format's op still wins, measured on SmolLM2's 210 block matrices (1 thread,
+# CPU time: the 2-core machine was shared; op / torch): float32 against MKL 0.92 at 4 rows, 0.87 at 12, 1.22 at 16
+# (MKL's AVX-512 GEMM wins once the products are compute-bound); bfloat16 against float32 GEMMs on converted
+# slices 0.61 at 8, 0.84 at 16, 1.20 at 24; int8 against aten's int8 kernel 0.74 at 8, 0.99 at 32; int4 against
+# dequantizing for a float32 GEMM 0.31 at 8, 0.85 at 32.
+MAX_GEMV_ROWS = 12
 
 
 @torch.compiler.assume_constant_result  # Dynamo bakes the answer in rather than tracing the build
@@ -47,12 +56,17 @@ def available() -> bool:
     return _load()
 
 
+def takes_rows(x: torch.Tensor) -> bool:
+    """Is x (..., in) a CPU input of at most MAX_GEMV_ROWS rows in a dtype the row kernels take, with the ops
+    loaded? (The weight's checks are the caller's: ``supports``, or Int4Linear's own.)"""
+    return (x.device.type == "cpu" and x.dim() >= 1 and 0 < x.numel() <= MAX_GEMV_ROWS * x.size(-1)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and available())
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Is ``x @ weight.T`` one row on CPU with a weight type and layout the op takes?"""
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() == x.size(-1)
-            and weight.dim() == 2 and weight.size(1) == x.size(-1) and weight.dtype in WEIGHT_DTYPES
-            and weight.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and available())
+    """Is ``x @ weight.T`` at most MAX_GEMV_ROWS rows on CPU with a weight type and layout the op takes?"""
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.size(1) == x.size(-1)
+            and weight.dtype in WEIGHT_DTYPES and weight.is_contiguous() and takes_rows(x))
 
 
 @functools.cache
@@ -89,12 +103,12 @@ def _dequantize_int4_shape(packed, scales_and_mins, group_size):
     return packed.new_empty(packed.size(0), 2 * packed.size(1), dtype=torch.float32)
 
 
-def _decode_attention_shape(q, k_cache, v_cache, input_pos):
+def _decode_attention_shape(q, k_cache, v_cache, input_pos, rows):
     """The op's output for tracing: q's shape and dtype."""
     return torch.empty_like(q)
 
 
-def _decode_layers_shape(x, norms, eps, linears, group_sizes, k_caches, v_caches, rope, input_pos):
+def _decode_layers_shape(x, norms, eps, linears, group_sizes, k_caches, v_caches, rope, input_pos, rows):
     """The op's output for tracing: x's shape and dtype (it also writes the caches)."""
     return torch.empty_like(x)
 

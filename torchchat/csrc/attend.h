@@ -1,6 +1,6 @@
-// Attention of one sequence's query heads over the filled positions of its KV cache, float32 math, AVX2:
-// attend (and its helpers). The cache is float32 or float16 (c10::Half): a decode step reads all of it, so
-// float16 halves the bytes. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
+// Attention of a batch's query heads, each sequence over the filled positions of its own KV cache row, float32
+// math, AVX2: attend_rows (and its helpers). The cache is float32 or float16 (c10::Half): a decode step reads all of
+// it, so float16 halves the bytes. Shared by decode_attention.cpp (attention alone) and decode_layers.cpp (a whole
 // transformer block).
 #pragma once
 
@@ -145,42 +145,65 @@ void attend_chunk(const float *q, const T *k, const T *v, int64_t len, int64_t h
 
 constexpr int64_t kAttendChunk = 64;  // positions of a cache head a work unit reads
 
-// Every query head of one sequence over positions [0, len) of its cache: out = softmax(q . k^T * scale) @ v a
-// head. q, out: (n_heads, head_dim) float32; k, v: (n_kv, max_len, head_dim), float32 or float16; query head h
-// reads cache head h / (n_heads / n_kv).
-//
-// Speed (flash-decoding): the work is split over torch's threads by (cache head, 64 positions), so that all
-// threads stay busy when heads are few (SmolLM2: 3 cache heads, 2 threads) and each unit reads its K and V
-// rows from memory once for all the query heads that share them (the others find them in cache); each
-// head's chunk results are merged after. The split does not depend on the thread count, nor do the bits.
+// One sequence of a batch: its query heads over the filled positions of its cache row.
 template <typename T>
-void attend(const float *q, const T *k, const T *v, float *out, int64_t n_heads, int64_t n_kv, int64_t max_len,
-            int64_t len, int64_t head_dim, float scale) {
-  const int64_t group = n_heads / n_kv, n_chunks = (len + kAttendChunk - 1) / kAttendChunk, stride = head_dim + 2;
-  std::vector<float> partials(n_heads * n_chunks * stride);  // (n_heads, n_chunks, head_dim + 2), see attend_chunk
-  at::parallel_for(0, n_kv * n_chunks, 1, [&](int64_t begin, int64_t end) {
+struct AttendRow {
+  const float *q;  // (n_heads, head_dim) float32
+  const T *k, *v;  // (n_kv, max_len, head_dim): the sequence's cache row
+  float *out;      // (n_heads, head_dim) float32
+  int64_t len;     // positions [0, len) attended
+};
+
+// Every query head of every row over its positions: out = softmax(q . k^T * scale) @ v a head; query head h reads
+// cache head h / (n_heads / n_kv). T: float or c10::Half.
+//
+// Speed (flash-decoding): the work is split over torch's threads in ONE parallel region by (row, cache head, 64
+// positions), so that all threads stay busy when heads are few (SmolLM2: 3 cache heads, 2 threads) and each unit
+// reads its K and V rows from memory once for all the query heads that share them (the others find them in
+// cache); each head's chunk results are merged after. The split depends on neither the thread count nor the
+// other rows, nor do a row's bits: a batch row's output equals the one-row call's.
+template <typename T>
+void attend_rows(const std::vector<AttendRow<T>> &rows, int64_t n_heads, int64_t n_kv, int64_t max_len,
+                 int64_t head_dim, float scale) {
+  const int64_t group = n_heads / n_kv, stride = head_dim + 2, n_rows = static_cast<int64_t>(rows.size());
+  // first_unit[b], first_partial[b]: where row b's units (n_kv * its chunks) and partials begin
+  std::vector<int64_t> first_unit(n_rows + 1, 0), first_partial(n_rows + 1, 0);
+  for (int64_t b = 0; b < n_rows; b++) {
+    const int64_t n_chunks = (rows[b].len + kAttendChunk - 1) / kAttendChunk;
+    first_unit[b + 1] = first_unit[b] + n_kv * n_chunks;
+    first_partial[b + 1] = first_partial[b] + n_heads * n_chunks * stride;
+  }
+  std::vector<float> partials(first_partial[n_rows]);  // per row: (n_heads, n_chunks, head_dim + 2), attend_chunk's
+  at::parallel_for(0, first_unit[n_rows], 1, [&](int64_t begin, int64_t end) {
     float s[kAttendChunk];
+    int64_t b = std::upper_bound(first_unit.begin(), first_unit.end(), begin) - first_unit.begin() - 1;
     for (int64_t unit = begin; unit < end; unit++) {
-      const int64_t j = unit / n_chunks, c = unit % n_chunks, first = c * kAttendChunk;
-      const int64_t rows = std::min(kAttendChunk, len - first), offset = (j * max_len + first) * head_dim;
+      while (unit >= first_unit[b + 1]) b++;
+      const AttendRow<T> &row = rows[b];
+      const int64_t n_chunks = (row.len + kAttendChunk - 1) / kAttendChunk, local = unit - first_unit[b];
+      const int64_t j = local / n_chunks, c = local % n_chunks, first = c * kAttendChunk;
+      const int64_t len = std::min(kAttendChunk, row.len - first), offset = (j * max_len + first) * head_dim;
       for (int64_t h = j * group; h < (j + 1) * group; h++)
-        attend_chunk(q + h * head_dim, k + offset, v + offset, rows, head_dim, scale, s,
-                     partials.data() + (h * n_chunks + c) * stride);
+        attend_chunk(row.q + h * head_dim, row.k + offset, row.v + offset, len, head_dim, scale, s,
+                     partials.data() + first_partial[b] + (h * n_chunks + c) * stride);
     }
   });
-  for (int64_t h = 0; h < n_heads; h++) {  // merge: out = sum_c e^(m_c - m) out_c / sum_c e^(m_c - m) sum_c
-    const float *p = partials.data() + h * n_chunks * stride;
-    float max = -INFINITY, sum = 0.0f;
-    for (int64_t c = 0; c < n_chunks; c++) max = std::max(max, p[c * stride + head_dim]);
-    float *o = out + h * head_dim;
-    std::fill(o, o + head_dim, 0.0f);
-    for (int64_t c = 0; c < n_chunks; c++) {
-      const float w = std::exp(p[c * stride + head_dim] - max);
-      sum += w * p[c * stride + head_dim + 1];
-      axpy(o, w, p + c * stride, head_dim);
+  for (int64_t b = 0; b < n_rows; b++) {
+    const int64_t n_chunks = (rows[b].len + kAttendChunk - 1) / kAttendChunk;
+    for (int64_t h = 0; h < n_heads; h++) {  // merge: out = sum_c e^(m_c - m) out_c / sum_c e^(m_c - m) sum_c
+      const float *p = partials.data() + first_partial[b] + h * n_chunks * stride;
+      float max = -INFINITY, sum = 0.0f;
+      for (int64_t c = 0; c < n_chunks; c++) max = std::max(max, p[c * stride + head_dim]);
+      float *o = rows[b].out + h * head_dim;
+      std::fill(o, o + head_dim, 0.0f);
+      for (int64_t c = 0; c < n_chunks; c++) {
+        const float w = std::exp(p[c * stride + head_dim] - max);
+        sum += w * p[c * stride + head_dim + 1];
+        axpy(o, w, p + c * stride, head_dim);
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t i = 0; i < head_dim; i++) o[i] *= inv;
     }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < head_dim; i++) o[i] *= inv;
   }
 }
 

@@ -1,4 +1,5 @@
-// torch.ops.torchchat.gemv(x, weight, scale=None): y = (x @ weight.T) * scale for ONE row x, on CPU.
+// torch.ops.torchchat.gemv(x, weight, scale=None): y = (x @ weight.T) * scale for a few rows of x (a decode step's
+// sequences), on CPU.
 //
 // Why: at batch 1 a decode step is bound by streaming the weights from memory. On AVX2 CPUs torch's
 // own paths fall short of that: MKL's float32 matrix-vector product runs on one thread, oneDNN's
@@ -7,9 +8,14 @@
 // over torch's threads. A registered op, not a Python one: from Python it costs one dispatch
 // (~9 us), where a torch.library.custom_op in Python costs ~50 us a call.
 //
-// x: (..., in) with one row, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
-// bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32 (int8: x in int16,
-// see gemv_rows.h).
+// Batches: each weight row is read from memory once and multiplied by every row of x while it is in L1, so a step
+// of R sequences streams the weights once, not R times; each output row is bit-identical to the one-row call on
+// that row (gemv_rows.h), so a sequence's result does not depend on the others in its batch. Any R is computed;
+// torchchat.cpu.kernels.supports says up to how many rows this beats torch's GEMM (MAX_GEMV_ROWS).
+//
+// x: (..., in), R = numel / in rows, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
+// bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32 (int8: each row of x
+// in int16 with its own scale, see gemv_rows.h).
 // Built by torchchat/cpu/kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
 // row kernels are in gemv_rows.h, the row loop (multiply, shared with decode_layers.cpp) in linear_rows.h.
 
@@ -32,13 +38,23 @@ namespace {
 
 using namespace torchchat_cpu;
 
+// x32 (R, in) float32 times w: (..., out) in x's shape and dtype.
+at::Tensor multiply_rows(const at::Tensor &x32, const at::Tensor &x, const LinearWeight &w) {
+  const int64_t n_rows = x32.size(0);
+  at::Tensor y = at::empty({n_rows, w.n_out}, x.options().dtype(at::kFloat));  // (R, out)
+  multiply(x32.data_ptr<float>(), n_rows, w.n_in, std::array<Product, 1>{{{&w, y.data_ptr<float>(), w.n_out}}});
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = w.n_out;
+  return y.view(sizes).to(x.scalar_type());  // (..., out)
+}
+
 at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &scale) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "torchchat::gemv: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "torchchat::gemv: weight must be (out, in), contiguous");
-  TORCH_CHECK(x.numel() == x.size(-1) && x.size(-1) == weight.size(1),
-              "torchchat::gemv: x must be one row of ", weight.size(1), " values, got ", x.sizes());
-  const int64_t n_out = weight.size(0), n_in = weight.size(1);
-  const at::Tensor x32 = x.reshape({n_in}).to(at::kFloat).contiguous();  // (in,)
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1) && x.numel() > 0,
+              "torchchat::gemv: x must be rows of ", weight.size(1), " values, got ", x.sizes());
+  const int64_t n_out = weight.size(0), n_in = weight.size(1), n_rows = x.numel() / n_in;
+  const at::Tensor x32 = x.reshape({n_rows, n_in}).to(at::kFloat).contiguous();  // (R, in)
   std::optional<at::Tensor> scale32;
   if (scale.has_value()) {
     TORCH_CHECK(scale->numel() == n_out, "torchchat::gemv: scale must have ", n_out, " values");
@@ -49,11 +65,7 @@ at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::option
               "torchchat::gemv: weight dtype ", dtype, " is not float32, bfloat16 or int8");
   const LinearWeight w{dtype, weight.data_ptr(), scale32 ? scale32->data_ptr<float>() : nullptr, nullptr, 0, n_out,
                        n_in};
-  at::Tensor y = at::empty({n_out}, x.options().dtype(at::kFloat));  // (out,)
-  multiply(x32.data_ptr<float>(), std::array<Product, 1>{{{&w, y.data_ptr<float>()}}});
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n_out;
-  return y.view(sizes).to(x.scalar_type());  // (..., out)
+  return multiply_rows(x32, x, w);
 }
 
 // ----- int4: torch.ops.torchchat.gemv_int4(x, packed, scales_and_mins, group_size): see gemv_rows.h for the
@@ -67,20 +79,16 @@ at::Tensor gemv_int4(const at::Tensor &x, const at::Tensor &packed, const at::Te
   const int64_t n_out = packed.size(0), n_in = 2 * packed.size(1);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && n_in % group_size == 0,
               "torchchat::gemv_int4: group_size (", group_size, ") must be a multiple of 32 that divides ", n_in);
-  TORCH_CHECK(x.numel() == x.size(-1) && x.size(-1) == n_in,
-              "torchchat::gemv_int4: x must be one row of ", n_in, " values, got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == n_in && x.numel() > 0,
+              "torchchat::gemv_int4: x must be rows of ", n_in, " values, got ", x.sizes());
   const int64_t n_groups = n_in / group_size;
   TORCH_CHECK(scales_and_mins.scalar_type() == at::kHalf && scales_and_mins.is_contiguous() &&
                   scales_and_mins.numel() == n_out * n_groups * 2,
               "torchchat::gemv_int4: scales_and_mins must be (", n_out, ", ", n_groups, ", 2) float16, contiguous");
-  const at::Tensor x32 = x.reshape({n_in}).to(at::kFloat).contiguous();  // (in,)
+  const at::Tensor x32 = x.reshape({x.numel() / n_in, n_in}).to(at::kFloat).contiguous();  // (R, in)
   const LinearWeight w{at::kByte, packed.data_ptr(), nullptr, scales_and_mins.data_ptr<c10::Half>(), group_size, n_out,
                        n_in};
-  at::Tensor y = at::empty({n_out}, x.options().dtype(at::kFloat));  // (out,)
-  multiply(x32.data_ptr<float>(), std::array<Product, 1>{{{&w, y.data_ptr<float>()}}});
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n_out;
-  return y.view(sizes).to(x.scalar_type());  // (..., out)
+  return multiply_rows(x32, x, w);
 }
 
 inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }  // low 8 bytes

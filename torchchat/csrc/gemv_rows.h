@@ -1,8 +1,12 @@
-// One row of a batch-1 matrix-vector product, for each weight format: dot_row (float32, bfloat16), dot_row_int8
-// (int8, the activation from quantize_row_int16) and, for 4-bit weights (quantize.Int4Linear's layout), quantize_row +
-// dot_row_group32 / dot_row_int4.
+// One weight row times R rows of x (R = 1 or 2: the register budget), for each weight format: dot_rows (float32,
+// bfloat16), dot_rows_int8 (int8, the activations from quantize_row_int16) and, for 4-bit weights
+// (quantize.Int4Linear's layout), quantize_row + dot_rows_group32 / dot_row_int4.
 // Shared by the ops of gemv.cpp (one matrix a call) and decode_layers.cpp (a model's blocks a call).
-// Each computes one output value; callers split rows over threads.
+// Each computes one output value per x row; callers split the weight rows over threads (linear_rows.h).
+//
+// Batches: a row of x gets the same arithmetic whatever R and whatever rows sit beside it (its own accumulators,
+// updated in the same order), so every output is bit-identical to the one-row call on that row; the weight is
+// loaded (and converted, widened or unpacked) once for the R rows.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -22,25 +26,45 @@ using torchchat_avx2::hmax;
 using torchchat_avx2::hsum;
 using torchchat_avx2::load8;
 
-template <typename T>
-inline float dot_row(const float *x, const T *row, int64_t n_in) {
-  // 4 independent accumulators hide the FMA latency; one row after another, so a thread's rows are
-  // one sequential stream for the hardware prefetcher (short rows read as 4 interleaved streams
-  // measured at half the rate for SmolLM2's 576 columns).
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+// x rows r in [0, R) at x + r * x_stride: out[r * out_stride] = x_r . row.
+template <int R, typename T>
+inline void dot_rows(const float *x, int64_t x_stride, const T *row, int64_t n_in, float *out, int64_t out_stride) {
+  // 4 independent accumulators a row hide the FMA latency; one weight row after another, so a thread's rows are
+  // one sequential stream for the hardware prefetcher (short rows read as 4 interleaved streams measured at half
+  // the rate for SmolLM2's 576 columns).
+  __m256 acc[R][4];
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n_in; i += 32) {
-    acc0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), acc0);
-    acc1 = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(load8(row + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(load8(row + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+    const __m256 w0 = load8(row + i), w1 = load8(row + i + 8), w2 = load8(row + i + 16), w3 = load8(row + i + 24);
+    for (int r = 0; r < R; r++) {
+      const float *xr = x + r * x_stride + i;
+      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3]);
+    }
   }
-  for (; i + 8 <= n_in; i += 8) acc0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), acc0);
-  float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; i < n_in; i++) sum += x[i] * static_cast<float>(row[i]);
-  return sum;
+  for (; i + 8 <= n_in; i += 8) {
+    const __m256 w = load8(row + i);
+    for (int r = 0; r < R; r++) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * x_stride + i), acc[r][0]);
+  }
+  for (int r = 0; r < R; r++) {
+    const float *xr = x + r * x_stride;
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+    for (int64_t k = i; k < n_in; k++) sum += xr[k] * static_cast<float>(row[k]);
+    out[r * out_stride] = sum;
+  }
 }
 
+// One x row: dot_rows<1>.
+template <typename T>
+inline float dot_row(const float *x, const T *row, int64_t n_in) {
+  float out;
+  dot_rows<1>(x, 0, row, n_in, &out, 0);
+  return out;
+}
 
 // ----- int8 rows (quantize.Int8Linear), with the activation in int16 -----
 //
@@ -77,30 +101,47 @@ inline Int16Row quantize_row_int16(const float *x, int64_t n_in) {
   return r;
 }
 
-// sum over i of row[i] * x[i] for an int8 row (times x.scale; the row's own scale is the caller's).
-inline float dot_row_int8(const Int16Row &x, const int8_t *row, int64_t n_in) {
-  const int16_t *xq = x.q.data();
-  __m256 acc = _mm256_setzero_ps();
+// For x rows r in [0, R): out[r * out_stride] = sum over i of row[i] * x_r[i] for an int8 row (times x_r's
+// scale; the row's own scale is the caller's). x: R consecutive Int16Rows.
+template <int R>
+inline void dot_rows_int8(const Int16Row *x, const int8_t *row, int64_t n_in, float *out, int64_t out_stride) {
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   int64_t i = 0;
   while (i + 16 <= n_in) {
     const int64_t chunk_end = std::min(n_in, i + 256);
-    __m256i sum0 = _mm256_setzero_si256(), sum1 = sum0;
+    __m256i sum0[R], sum1[R];
+    for (int r = 0; r < R; r++) sum0[r] = sum1[r] = _mm256_setzero_si256();
     for (; i + 32 <= chunk_end; i += 32) {
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + i)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + i + 16)));
-      sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + i))));
-      sum1 = _mm256_add_epi32(sum1,
-                              _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + i + 16))));
+      for (int r = 0; r < R; r++) {
+        const auto *xq = reinterpret_cast<const __m256i *>(x[r].q.data() + i);
+        sum0[r] = _mm256_add_epi32(sum0[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(xq)));
+        sum1[r] = _mm256_add_epi32(sum1[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(xq + 1)));
+      }
     }
     for (; i + 16 <= chunk_end; i += 16) {
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + i)));
-      sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq + i))));
+      for (int r = 0; r < R; r++)
+        sum0[r] = _mm256_add_epi32(
+            sum0[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[r].q.data() + i))));
     }
-    acc = _mm256_add_ps(acc, _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)));
+    for (int r = 0; r < R; r++) acc[r] = _mm256_add_ps(acc[r], _mm256_cvtepi32_ps(_mm256_add_epi32(sum0[r], sum1[r])));
   }
-  float sum = hsum(acc);
-  for (; i < n_in; i++) sum += static_cast<float>(row[i]) * static_cast<float>(xq[i]);
-  return sum * x.scale;
+  for (int r = 0; r < R; r++) {
+    const int16_t *xq = x[r].q.data();
+    float sum = hsum(acc[r]);
+    for (int64_t k = i; k < n_in; k++) sum += static_cast<float>(row[k]) * static_cast<float>(xq[k]);
+    out[r * out_stride] = sum * x[r].scale;
+  }
+}
+
+// One x row: dot_rows_int8<1>.
+inline float dot_row_int8(const Int16Row &x, const int8_t *row, int64_t n_in) {
+  float out;
+  dot_rows_int8<1>(&x, row, n_in, &out, 0);
+  return out;
 }
 
 // ----- int4 rows (torch.ops.torchchat.gemv_int4, quantize.Int4Linear) -----
@@ -117,7 +158,7 @@ inline float dot_row_int8(const Int16Row &x, const int8_t *row, int64_t n_in) {
 // exactly W . (xq * d): the rounding error of x meets the weights themselves, not their 4-bit codes
 // (which all have the same sign), and stays ~0.5% (exact sums of x measured ~2% on random weights).
 // y[o] = sum over blocks b of scale[o, g(b)] * d[b] * (q . xq)_b + sum over groups g of min[o, g] * sum(xq_g * d).
-// group_size 32 (the default, llama.cpp's) takes dot_row_group32, eight blocks at a time; others, dot_row_int4.
+// group_size 32 (the default, llama.cpp's) takes dot_rows_group32, eight blocks at a time; others, dot_row_int4.
 
 // The 32 4-bit codes of block b (16 bytes at q + 16 b): lo = q[0 .. 16), hi = q[16 .. 32), one byte each.
 inline void unpack_block(const uint8_t *q, int64_t b, __m128i &lo, __m128i &hi) {
@@ -128,7 +169,7 @@ inline void unpack_block(const uint8_t *q, int64_t b, __m128i &lo, __m128i &hi) 
 }
 
 constexpr int64_t kChunkBlocks = 8;      // blocks that dot_chunk reduces together
-constexpr int64_t kPrefetchBytes = 2048;  // how far ahead dot_row_group32 fetches
+constexpr int64_t kPrefetchBytes = 2048;  // how far ahead dot_rows_group32 fetches
 
 struct QuantizedRow {
   std::vector<int8_t> q;           // group_size 32: in the order dot_chunk reads it, zeros up to a whole
@@ -178,21 +219,21 @@ inline __m256i first_lanes(int64_t n) {
 }
 
 // Blocks [b0, b0 + n) of a row with group_size 32 (n <= 8): one scale and min per block, 16 bytes of
-// codes per block. Returns the chunk's terms added into acc.
+// codes per block, times R rows of x (consecutive QuantizedRows). Adds each x row's chunk terms into its acc.
 // Why: a block is 32 multiply-adds in two integer instructions, so handling its scale alone (two float16
 // conversions, a broadcast, a float multiply-add) cost more than its dot product: here two blocks share
 // each integer instruction, and the chunk's eight block sums are reduced together (three hadds) and
 // scaled by one vector of scales (measured 2x faster from cache). A partial chunk (a row's last) reads
-// through masks: nothing past the row, zeros for the missing blocks.
-template <bool PARTIAL>
-inline __m256 dot_chunk(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t b0, int64_t n,
-                        __m256 acc) {
+// through masks: nothing past the row, zeros for the missing blocks. The codes are unpacked, and the scales
+// converted, once for the R rows.
+template <bool PARTIAL, int R>
+inline void dot_chunk(const QuantizedRow *x, const uint8_t *q, const c10::Half *sm, int64_t b0, int64_t n,
+                      __m256 *acc) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int8_t *xp = x.q.data() + 32 * b0;
-  __m256i pair_sums[4];
+  __m256i pair_sums[R][4];
   for (int p = 0; p < 4; p++) {
     if (PARTIAL && 2 * p >= n) {
-      pair_sums[p] = _mm256_setzero_si256();
+      for (int r = 0; r < R; r++) pair_sums[r][p] = _mm256_setzero_si256();
       continue;
     }
     const auto *codes = reinterpret_cast<const int *>(q + 16 * b0 + 32 * p);  // blocks 2p and 2p + 1
@@ -200,15 +241,15 @@ inline __m256 dot_chunk(const QuantizedRow &x, const uint8_t *q, const c10::Half
                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes));
     const __m256i first = _mm256_and_si256(bytes, low4);                         // q[0 .. 16) of both blocks
     const __m256i second = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);  // q[16 .. 32) of both
-    const __m256i x_first = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xp + 64 * p));
-    const __m256i x_second = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xp + 64 * p + 32));
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(first, x_first),
-                                           _mm256_maddubs_epi16(second, x_second));  // |.| <= 7620
-    pair_sums[p] = _mm256_madd_epi16(pairs, ones);  // lanes 0-3: block 2p's partial sums, 4-7: 2p + 1's
+    for (int r = 0; r < R; r++) {
+      const int8_t *xp = x[r].q.data() + 32 * b0;
+      const __m256i x_first = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xp + 64 * p));
+      const __m256i x_second = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xp + 64 * p + 32));
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(first, x_first),
+                                             _mm256_maddubs_epi16(second, x_second));  // |.| <= 7620
+      pair_sums[r][p] = _mm256_madd_epi16(pairs, ones);  // lanes 0-3: block 2p's partial sums, 4-7: 2p + 1's
+    }
   }
-  const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_sums[0], pair_sums[1]),
-                                         _mm256_hadd_epi32(pair_sums[2], pair_sums[3]));  // blocks 0 2 4 6 1 3 5 7
-  const __m256 dots = _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   // 8 (scale, min) float16 pairs, one 32-bit lane each -> scales in the low 128 bits, mins in the high
   const __m256i deinterleave = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                                 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
@@ -218,24 +259,34 @@ inline __m256 dot_chunk(const QuantizedRow &x, const uint8_t *q, const c10::Half
   const __m256i halves = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(raw, deinterleave), 0xD8);  // s0-7 m0-7
   const __m256 scales = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
   const __m256 mins = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
-  acc = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x.group_sum.data() + b0), acc);
-  return _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_loadu_ps(x.block_scale.data() + b0)), dots, acc);
+  for (int r = 0; r < R; r++) {
+    // the block sums, lanes in block order 0 2 4 6 1 3 5 7
+    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(pair_sums[r][0], pair_sums[r][1]),
+                                           _mm256_hadd_epi32(pair_sums[r][2], pair_sums[r][3]));
+    const __m256 dots =
+        _mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    acc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x[r].group_sum.data() + b0), acc[r]);
+    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_loadu_ps(x[r].block_scale.data() + b0)), dots, acc[r]);
+  }
 }
 
-// One row of a group-size-32 weight, chunk by chunk.
-inline float dot_row_group32(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t n_in) {
+// One row of a group-size-32 weight times R rows of x, chunk by chunk: out[r * out_stride] = x_r . row.
+template <int R>
+inline void dot_rows_group32(const QuantizedRow *x, const uint8_t *q, const c10::Half *sm, int64_t n_in, float *out,
+                             int64_t out_stride) {
   const int64_t n_blocks = n_in / 32, whole = n_blocks / kChunkBlocks * kChunkBlocks;
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < whole; b += kChunkBlocks) {
     // Speed: fetch ahead (later rows, once this one ends), so a small matrix does not wait on memory
     // while the hardware prefetcher warms up (SmolLM2's 210 int4 matrices: ~10% faster, measured).
     _mm_prefetch(reinterpret_cast<const char *>(q + 16 * b + kPrefetchBytes), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char *>(q + 16 * b + kPrefetchBytes + 64), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char *>(sm + 2 * b) + kPrefetchBytes, _MM_HINT_T0);
-    acc = dot_chunk<false>(x, q, sm, b, kChunkBlocks, acc);
+    dot_chunk<false, R>(x, q, sm, b, kChunkBlocks, acc);
   }
-  if (whole < n_blocks) acc = dot_chunk<true>(x, q, sm, whole, n_blocks - whole, acc);
-  return hsum(acc);
+  if (whole < n_blocks) dot_chunk<true, R>(x, q, sm, whole, n_blocks - whole, acc);
+  for (int r = 0; r < R; r++) out[r * out_stride] = hsum(acc[r]);
 }
 
 // Any group size (a multiple of 32): block by block.
@@ -265,10 +316,16 @@ inline float dot_row_int4(const QuantizedRow &x, const uint8_t *q, const c10::Ha
   return hsum(_mm256_add_ps(acc0, acc1)) + min_terms;
 }
 
-// One row of a 4-bit weight of any group size, x quantized by quantize_row for that group size.
-inline float dot_row_q4(const QuantizedRow &x, const uint8_t *q, const c10::Half *sm, int64_t n_in,
-                        int64_t group_size) {
-  return group_size == 32 ? dot_row_group32(x, q, sm, n_in) : dot_row_int4(x, q, sm, n_in, group_size);
+// One row of a 4-bit weight of any group size times R rows of x, each quantized by quantize_row for that group
+// size: out[r * out_stride] = x_r . row.
+template <int R>
+inline void dot_rows_q4(const QuantizedRow *x, const uint8_t *q, const c10::Half *sm, int64_t n_in,
+                        int64_t group_size, float *out, int64_t out_stride) {
+  if (group_size == 32) {
+    dot_rows_group32<R>(x, q, sm, n_in, out, out_stride);
+    return;
+  }
+  for (int r = 0; r < R; r++) out[r * out_stride] = dot_row_int4(x[r], q, sm, n_in, group_size);
 }
 
 }  // namespace torchchat_cpu

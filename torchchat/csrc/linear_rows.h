@@ -1,6 +1,6 @@
-// A linear layer's weight as the row kernels of gemv_rows.h read it (LinearWeight), and multiply: the
-// matrix-vector products that share one input, in one parallel region. Used by gemv.cpp (one product a
-// call) and decode_layers.cpp (a block's products).
+// A linear layer's weight as the row kernels of gemv_rows.h read it (LinearWeight), and multiply: the products of
+// R rows of x by the weights that share that input, in one parallel region. Used by gemv.cpp (one product a call)
+// and decode_layers.cpp (a block's products, for every sequence of the batch).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,7 +16,25 @@
 
 namespace torchchat_cpu {
 
-constexpr int64_t kGrainRows = 64;  // rows per thread at least: tiny matrices stay on one thread
+constexpr int64_t kGrainRows = 64;  // weight rows per thread at least: tiny matrices stay on one thread
+
+// f<2>(r) for r = 0, 2, 4, ..., then f<1>(n - 1) if n is odd: the x rows of a weight row, as many at a time as
+// the row kernels take. f: a lambda [&]<int R>(int64_t r).
+template <typename F>
+inline void in_pairs(int64_t n, F &&f) {
+  int64_t r = 0;
+  for (; r + 2 <= n; r += 2) f.template operator()<2>(r);
+  if (r < n) f.template operator()<1>(r);
+}
+
+// R rows of x in each form the row kernels read.
+struct XRows {
+  int64_t n;                       // R
+  const float *x;                  // row r at x + r * stride, float32
+  int64_t stride;
+  const QuantizedRow *xq;          // (R,) as quantize_row made them for the weight's group size (4-bit weights)
+  const Int16Row *x16;             // (R,) as quantize_row_int16 made them (int8 weights)
+};
 
 // One weight, as its row kernel reads it.
 struct LinearWeight {
@@ -27,58 +45,81 @@ struct LinearWeight {
   int64_t group_size = 0;                       // 4-bit only
   int64_t n_out = 0, n_in = 0;
 
-  // out[o] = row o of W times x (times its row scale) for o in [lo, hi). x as float32; xq, x16: as quantize_row
-  // (4-bit) or quantize_row_int16 (int8) made it for this weight. Speed: one switch for the rows, not one a row
-  // (a switch a row made SmolLM2-sized int4 products ~15% slower).
-  void rows(int64_t lo, int64_t hi, const float *x, const QuantizedRow *xq, const Int16Row *x16, float *out) const {
+  // out[r * out_stride + o] = row o of W times x row r (times its row scale) for o in [lo, hi), every r. Each
+  // weight row is read from memory once and multiplied by every x row while it is in L1. Speed: one switch for
+  // the rows, not one a row (a switch a row made SmolLM2-sized int4 products ~15% slower).
+  void rows(int64_t lo, int64_t hi, const XRows &x, float *out, int64_t out_stride) const {
     switch (dtype) {
       case at::kFloat:
-        for (int64_t o = lo; o < hi; o++) out[o] = dot_row(x, static_cast<const float *>(data) + o * n_in, n_in);
+        for (int64_t o = lo; o < hi; o++)
+          in_pairs(x.n, [&]<int R>(int64_t r) {
+            dot_rows<R>(x.x + r * x.stride, x.stride, static_cast<const float *>(data) + o * n_in, n_in,
+                        out + r * out_stride + o, out_stride);
+          });
         break;
       case at::kBFloat16:
         for (int64_t o = lo; o < hi; o++)
-          out[o] = dot_row(x, static_cast<const c10::BFloat16 *>(data) + o * n_in, n_in);
+          in_pairs(x.n, [&]<int R>(int64_t r) {
+            dot_rows<R>(x.x + r * x.stride, x.stride, static_cast<const c10::BFloat16 *>(data) + o * n_in, n_in,
+                        out + r * out_stride + o, out_stride);
+          });
         break;
       case at::kChar:
         for (int64_t o = lo; o < hi; o++)
-          out[o] = dot_row_int8(*x16, static_cast<const int8_t *>(data) + o * n_in, n_in);
+          in_pairs(x.n, [&]<int R>(int64_t r) {
+            dot_rows_int8<R>(x.x16 + r, static_cast<const int8_t *>(data) + o * n_in, n_in, out + r * out_stride + o,
+                             out_stride);
+          });
         break;
       default: {
         const int64_t row_bytes = n_in / 2, row_groups = n_in / group_size;
         for (int64_t o = lo; o < hi; o++)
-          out[o] = dot_row_q4(*xq, static_cast<const uint8_t *>(data) + o * row_bytes,
-                              scales_and_mins + o * row_groups * 2, n_in, group_size);
+          in_pairs(x.n, [&]<int R>(int64_t r) {
+            dot_rows_q4<R>(x.xq + r, static_cast<const uint8_t *>(data) + o * row_bytes,
+                           scales_and_mins + o * row_groups * 2, n_in, group_size, out + r * out_stride + o,
+                           out_stride);
+          });
       }
     }
     if (row_scale)
-      for (int64_t o = lo; o < hi; o++) out[o] *= row_scale[o];
+      for (int64_t r = 0; r < x.n; r++)
+        for (int64_t o = lo; o < hi; o++) out[r * out_stride + o] *= row_scale[o];
   }
 };
 
 struct Product {
   const LinearWeight *weight;
-  float *out;  // (weight->n_out,)
+  float *out;          // row r's weight->n_out values at out + r * out_stride
+  int64_t out_stride;
 };
 
-// out_i = W_i x for weights that share the input x (n_in values): every row of every product is split over
-// torch's threads in ONE parallel region, and x is quantized once per 4-bit group size among them (and
-// once to int16 if any weight is int8).
+// out_i = x W_i^T for R rows of x (row r at x + r * x_stride, n_in values) and weights that share them: every row
+// of every product is split over torch's threads in ONE parallel region, and each x row is quantized once per
+// 4-bit group size among them (and once to int16 if any weight is int8). A row's outputs are bit-identical
+// whatever R (gemv_rows.h), and do not depend on the thread count (a thread computes whole outputs).
 template <size_t N>
-void multiply(const float *x, const std::array<Product, N> &products) {
+void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array<Product, N> &products) {
   const int64_t n_in = products[0].weight->n_in;
-  std::vector<std::pair<int64_t, QuantizedRow>> quantized;  // (group size, x quantized for it)
+  std::vector<std::pair<int64_t, std::vector<QuantizedRow>>> quantized;  // (group size, x's rows quantized for it)
   quantized.reserve(N);  // no reallocation: xq points into it
   std::array<const QuantizedRow *, N> xq{};
   for (size_t i = 0; i < N; i++) {
     const int64_t g = products[i].weight->group_size;
     if (g == 0) continue;
     auto it = std::find_if(quantized.begin(), quantized.end(), [g](const auto &entry) { return entry.first == g; });
-    if (it == quantized.end()) it = quantized.emplace(quantized.end(), g, quantize_row(x, n_in, g));
-    xq[i] = &it->second;
+    if (it == quantized.end()) {
+      std::vector<QuantizedRow> rows;
+      rows.reserve(n_rows);
+      for (int64_t r = 0; r < n_rows; r++) rows.push_back(quantize_row(x + r * x_stride, n_in, g));
+      it = quantized.emplace(quantized.end(), g, std::move(rows));
+    }
+    xq[i] = it->second.data();
   }
   const bool any_int8 = std::any_of(products.begin(), products.end(),
                                     [](const Product &p) { return p.weight->dtype == at::kChar; });
-  const Int16Row x16 = any_int8 ? quantize_row_int16(x, n_in) : Int16Row{};
+  std::vector<Int16Row> x16;
+  if (any_int8)
+    for (int64_t r = 0; r < n_rows; r++) x16.push_back(quantize_row_int16(x + r * x_stride, n_in));
   int64_t total = 0;
   for (const Product &p : products) total += p.weight->n_out;
   at::parallel_for(0, total, kGrainRows, [&](int64_t begin, int64_t end) {
@@ -86,7 +127,8 @@ void multiply(const float *x, const std::array<Product, N> &products) {
     for (size_t i = 0; i < N; i++) {
       const LinearWeight &w = *products[i].weight;
       const int64_t lo = std::max(begin, first_row) - first_row, hi = std::min(end, first_row + w.n_out) - first_row;
-      if (lo < hi) w.rows(lo, hi, x, xq[i], &x16, products[i].out);
+      if (lo < hi)
+        w.rows(lo, hi, XRows{n_rows, x, x_stride, xq[i], x16.data()}, products[i].out, products[i].out_stride);
       first_row += w.n_out;
     }
   });
