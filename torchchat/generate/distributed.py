@@ -63,7 +63,7 @@ from torchchat.distributed.pipeline import StepRoute, trim_to_stage
 from torchchat.distributed.plan import END, RESIZE, Plan, PlanLayout
 from torchchat.distributed.tensor_parallel import localize, parallelize
 from torchchat.generate.base import Generator
-from torchchat.generate.local import DTYPES, _positions_and_rows
+from torchchat.generate.local import DTYPES, positions_and_rows
 from torchchat.generate.scheduler import Step
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
@@ -87,7 +87,7 @@ class StagePart:
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """x: tokens (B, T) or hidden states (B, T, dim) -> hidden states (B, T, dim), or logits (B, V) on the last
         stage."""
-        input_pos, rows = _positions_and_rows(step, x.device)  # as LocalGenerator passes them: the same kernels
+        input_pos, rows = positions_and_rows(step, x.device)  # as LocalGenerator passes them: the same kernels
         prompt = step.tokens.size(1) > 1
         linears = cpu.Float32Linears() if prompt and self.float32_prefill else contextlib.nullcontext()
         with torch.no_grad(), linears:  # never inference_mode: DTensor (the reference path) fails under it

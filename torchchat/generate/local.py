@@ -65,7 +65,7 @@ class LocalGenerator(Generator):
 
     def forward(self, step: Step) -> torch.Tensor:
         tokens = step.tokens.to(self.device)  # (B, T)
-        input_pos, rows = _positions_and_rows(step, self.device)
+        input_pos, rows = positions_and_rows(step, self.device)
         with torch.no_grad():
             if tokens.size(1) == 1:
                 return self._step(tokens, input_pos, rows)  # (B, V)
@@ -111,7 +111,7 @@ class LocalGenerator(Generator):
 
 
 
-def _positions_and_rows(step: Step, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def positions_and_rows(step: Step, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's ``input_pos`` and ``rows`` for a step. Rows 0 .. B-1 at the same positions (one sequence, the
     samples of one prompt) go as shared positions (T,) and no rows: the caches' leading rows are views, and a
     batch-1 decode step takes the fused CPU op. Otherwise (B, T) positions and (B,) rows."""
