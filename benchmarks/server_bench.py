@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--turn-tokens", type=int, default=64, help="max_tokens of each turn of the chat")
     p.add_argument("--no-reuse-flags", default=None, metavar="FLAGS",
                    help="run the chat again on a torchchat server started with these extra flags, e.g. "
-                        "'--no-prefix-reuse'")
+                        "--no-reuse-flags=--no-prefix-reuse (with '=': the value starts with --)")
     p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary, measured the same way")
     p.add_argument("--gguf", metavar="PATH", default=None,
                    help="the GGUF llama-server runs on (default: SmolLM2's Q4_1 file, torchchat's default model)")
