@@ -12,7 +12,8 @@ import torch
 @dataclass
 class GenerationStats:
     batch: int = 1
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # per sequence, fed to the model (the prompt less what a cache row held)
+    cached_tokens: int = 0  # prompt tokens a cache row already held (prefix reuse): not fed again
     new_tokens: int = 0  # per sequence, counting the first one (from prefill)
     ttft_s: float = 0.0  # time to first token: prefill plus its sampling
     decode_s: float = 0.0  # time for the tokens after the first
@@ -28,7 +29,8 @@ class GenerationStats:
         return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
 
     def summary(self, device: torch.device) -> str:
-        line = (f"time to first token {self.ttft_s:.3f} s | prefill {self.batch * self.prompt_tokens} tokens "
+        cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        line = (f"time to first token {self.ttft_s:.3f} s | prefill {self.batch * self.prompt_tokens} tokens{cached} "
                 f"{self.prefill_tok_s:.1f} tok/s | decode {self.new_tokens - 1} tokens {self.decode_tok_s:.2f} tok/s")
         if self.batch > 1:
             line += f" per sequence, {self.batch * self.decode_tok_s:.2f} tok/s over {self.batch} sequences"
