@@ -211,8 +211,10 @@ def test_a_chunked_body_over_the_limit_is_413(local):
 
 def test_big_requests_do_not_stall_another_clients_stream(local):
     """Bodies just under the limit, parsed and tokenized (and found too long for the context) while another
-    client streams. 28,000 one-letter messages cost ~0.55 s to validate and encode: on the event loop, as
-    before, the stream stalled 0.45 s (measured); on a thread its longest gap is 0.01 s (measured)."""
+    client streams. 28,000 one-letter messages cost ~0.4 s to validate and encode: on the event loop (the
+    mutation) the stream stalls 0.44-0.66 s (measured). On a thread most gaps are ~0.01 s, but one may reach
+    0.16-0.18 s on a quiet machine and 0.25 s under the full suite (measured): pydantic's validation of the
+    900 KB body is one 0.10 s call that holds the GIL, which the streaming thread then waits for."""
     gaps, done = [], threading.Event()
 
     def stream():
@@ -236,7 +238,7 @@ def test_big_requests_do_not_stall_another_clients_stream(local):
         statuses.append(raw_post(local, "/v1/chat/completions", big)[0])
     worker.join()
     assert statuses and set(statuses) == {400}, statuses  # too long for the context, found on a thread
-    assert len(gaps) > 10 and max(gaps) < 0.25, f"the stream stalled {max(gaps):.2f} s"
+    assert len(gaps) > 10 and max(gaps) < 0.35, f"the stream stalled {max(gaps):.2f} s"
 
 
 # ----- row 5: connections are capped and silent ones time out -----
