@@ -158,10 +158,8 @@ class Generator(ABC):
         yielded = 0
         try:
             while True:
-                if request.done:
-                    self.last_stats = request.stats
-                    if request.error is not None:
-                        raise request.error
+                if request.error is not None:
+                    raise request.error
                 n = min(len(seq.generated) for seq in request.sequences)
                 for k in range(yielded, n):
                     yield [seq.generated[k] for seq in request.sequences]
@@ -172,7 +170,7 @@ class Generator(ABC):
         finally:
             if not request.done:
                 self.cancel(request, GeneratorExit())
-                self.last_stats = request.stats
+            self.last_stats = request.stats
 
     def _stop_text_check(self, stop: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
         """A test for stop strings in a sequence's recent text."""

@@ -118,9 +118,13 @@ class Scheduler:
         while self._in_flight and (depth == 1 or not self._has_ready_work()):
             self._finish_oldest()
 
+    def _in_flight_ids(self) -> set[int]:
+        """The ids of the sequences whose step is in flight: they wait for its logits."""
+        return {id(seq) for step in self._in_flight for seq in step.sequences}
+
     def _has_ready_work(self) -> bool:
         """Is anything runnable that is not waiting on a step in flight (a pipeline keeps it busy)?"""
-        busy = {id(seq) for step in self._in_flight for seq in step.sequences}
+        busy = self._in_flight_ids()
         return any(id(seq) not in busy for request in self.running for seq in request.sequences
                    if not seq.finished)
 
@@ -132,7 +136,7 @@ class Scheduler:
     def _next_steps(self, depth: int) -> list[Step]:
         """The steps to start now: a prompt chunk, then the decoding sequences not already in flight, in up to
         ``depth`` groups."""
-        busy = {id(seq) for step in self._in_flight for seq in step.sequences}
+        busy = self._in_flight_ids()
         steps = []
         prefilling = next((r for r in self.running if not r.sequences[0].decoding
                            and id(r.sequences[0]) not in busy), None)
@@ -152,12 +156,11 @@ class Scheduler:
         chunk = seqs[0].pending[:per_row]
         last = len(chunk) == len(seqs[0].pending)
         tokens = torch.tensor([chunk] * len(seqs), dtype=torch.long)  # (n, T): every sample feeds the prompt
-        return Step(tokens, torch.tensor([s.pos for s in seqs]), torch.tensor([s.slot for s in seqs]), list(seqs),
-                    prefill=True, last_chunk=last)
+        return _step_of(seqs, tokens, prefill=True, last_chunk=last)
 
     def _decode_step(self, seqs: list[Sequence]) -> Step:
         tokens = torch.tensor([s.pending for s in seqs], dtype=torch.long)  # (B, 1): each one's newest token
-        return Step(tokens, torch.tensor([s.pos for s in seqs]), torch.tensor([s.slot for s in seqs]), seqs)
+        return _step_of(seqs, tokens)
 
     def _after(self, step: Step, logits: torch.Tensor):
         """Book what the step fed into the caches; sample the rows that have a new token; let finished ones leave.
@@ -233,3 +236,8 @@ class Scheduler:
         for seq in request.sequences:
             if seq.slot >= 0 and self.slots[seq.slot].sequence is seq:
                 self.slots[seq.slot].sequence = None
+
+
+def _step_of(seqs: list[Sequence], tokens: torch.Tensor, **kind) -> Step:
+    """The step feeding ``tokens`` (B, T) to ``seqs``, each at its own position in its own cache row."""
+    return Step(tokens, torch.tensor([s.pos for s in seqs]), torch.tensor([s.slot for s in seqs]), list(seqs), **kind)
