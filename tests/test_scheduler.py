@@ -137,14 +137,13 @@ def test_a_conversation_that_goes_on_reuses_its_row(tiny_model):
     gen.forward = lambda step: fed.append(step.tokens.size(1)) or forward(step)
     follow_up = gen.submit(Turn(history, args))
     drain(gen)
-    assert follow_up.reused == len(first) + len(reply) - 1  # the reply's last token was never fed
-    assert fed[0] == len(history) - follow_up.reused
     stats = follow_up.stats  # what chat prints: the tokens fed, and those found in the row
-    assert (stats.prompt_tokens, stats.cached_tokens) == (fed[0], follow_up.reused)
-    assert f"prefill {fed[0]} tokens (+{follow_up.reused} cached)" in stats.summary(gen.device)
+    assert stats.cached_tokens == len(first) + len(reply) - 1  # the reply's last token was never fed
+    assert fed[0] == len(history) - stats.cached_tokens == stats.prompt_tokens
+    assert f"prefill {fed[0]} tokens (+{stats.cached_tokens} cached)" in stats.summary(gen.device)
     other = gen.submit(Turn(first[:3] + gen.encode_prompt(" the cat")[1:], args))
     drain(gen)
-    assert other.reused == 0
+    assert other.stats.cached_tokens == 0
     assert other.completions[0].tokens == local_generator(tiny_source(tiny_model)).complete(other.turn)[0].tokens
 
 

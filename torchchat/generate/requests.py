@@ -125,7 +125,6 @@ class Request:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.stats = GenerationStats(batch=turn.args.num_samples, prompt_tokens=len(turn.tokens))
-        self.reused = 0  # prompt tokens found in the cache row (prefix reuse): not prefilled again
         self.completions: Completions | None = None
         self.error: BaseException | None = None
         seed = turn.args.seed if turn.args.seed is not None else int(torch.randint(0, 2**62, ()).item())

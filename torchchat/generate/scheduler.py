@@ -206,7 +206,6 @@ class Scheduler:
             chosen = [slot]
         else:  # several samples feed their prompt together, from position 0
             chosen, reused = sorted(free, key=lambda s: s.last_used)[:len(request.sequences)], 0
-        request.reused = reused
         request.stats.prompt_tokens, request.stats.cached_tokens = len(prompt) - reused, reused
         now = next(self._clock)
         for seq, slot in zip(request.sequences, chosen):

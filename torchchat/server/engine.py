@@ -212,10 +212,9 @@ class Engine:
         self._forget(request)
         self._publish()
         if done.error is None:
-            request.cached_tokens = done.reused
+            request.cached_tokens = done.stats.cached_tokens
             request.post(done.completions)
-            log.info("request done (%d prompt tokens cached): %s", done.reused,
-                     done.completions.stats.summary(self.generator.device))
+            log.info("request done: %s", done.completions.stats.summary(self.generator.device))
             return
         if isinstance(done.error, Cancelled):
             log.info("request cancelled after streaming %d tokens", request.streamed)
