@@ -67,8 +67,10 @@ def gguf_name(name: str) -> str:
 def write_gguf(path: Path, state: dict[str, torch.Tensor], args: ModelArgs = TINY,
                qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32, *, arch: str = "llama",
                extra: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]] | None = None,
+               qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
                ) -> tuple[ModelSource, dict[str, torch.Tensor]]:
-    """A llama GGUF as llama.cpp writes one: 2-D weights in ``qtype``, norms in F32.
+    """A llama GGUF as llama.cpp writes one: 2-D weights in ``qtype`` (or ``qtypes[name]``, by torchchat name),
+    norms in F32. Returns the source and the tensors as the file holds them, dequantized.
 
     Leave 'output.weight' out of ``state`` for a tied model. ``extra``: GGUF name -> (raw data, its type).
     """
@@ -87,7 +89,7 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args: ModelArgs = TIN
     held = {}
     for name, t in state.items():
         array = t.float().numpy()
-        kind = qtype if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+        kind = (qtypes or {}).get(name, qtype) if array.ndim == 2 else gguf.GGMLQuantizationType.F32
         data = gguf.quants.quantize(array, kind)
         writer.add_tensor(gguf_name(name), data, raw_dtype=kind)
         held[name] = torch.from_numpy(gguf.quants.dequantize(data, kind).copy()).reshape(t.shape)

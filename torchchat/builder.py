@@ -55,6 +55,7 @@ class Prepared:
                               f"{self.model_args.vocab_size}: they do not belong together (check --tokenizer-path)")
         self.chat_format = chat_format_for(self.tokenizer, self.source)
         self.device = resolve_device(args.device)
+        self.weight_types = read_weight_types(self.source)
 
     def max_seq_len(self, args, needed: int) -> int:
         length = args.max_seq_length or min(needed, self.model_args.max_context)
@@ -64,6 +65,39 @@ class Prepared:
         if length < 2:
             raise ConfigError(f"--max-seq-length ({length}) must be at least 2")
         return length
+
+
+def read_weight_types(source) -> dict[str, int]:
+    """A GGUF's weight matrices by type, most first ({"Q4_1": 210, "Q8_0": 1}); {} for other formats."""
+    from torchchat.checkpoint import weight_types
+
+    return weight_types(source)
+
+
+def weights_dtype(args, prep: Prepared, *, one_process: bool = True) -> tuple[str, bool]:
+    """(dtype, keep_quantized): how the weights run. ``--dtype`` given: that dtype, everything dequantized. Else the
+    file's own: a GGUF whose matrices are (partly) quantized keeps them quantized, as llama.cpp runs it (one process
+    on CPU: the quantized layers are CPU kernels; elsewhere it is dequantized to fp32), with fp32 for the rest; a
+    BF16 GGUF runs in bf16; anything else in fp32."""
+    from torchchat.checkpoint import kept_quantized
+
+    if args.dtype is not None:
+        return args.dtype, False
+    types = prep.weight_types
+    if any(kept_quantized(t) for t in types):
+        return "fp32", one_process and prep.device == "cpu"
+    if types and set(types) == {"BF16"}:
+        return "bf16", False
+    return "fp32", False
+
+
+def describe_weights(types: dict[str, int]) -> str:
+    """What a file's weights run as by default, for `list`: "int4 (Q4_1 x210), int8 (Q8_0 x1)", "bf16", "fp32"."""
+    from torchchat.checkpoint import kept_quantized
+
+    if not any(kept_quantized(t) for t in types):
+        return "bf16" if types and set(types) == {"BF16"} else "fp32"
+    return ", ".join(f"{kept_quantized(t) or 'fp32'} ({t} x{n})" for t, n in types.items())
 
 
 def schedule_options(args) -> dict:
@@ -76,10 +110,11 @@ def build_generator(args, prep: Prepared, max_seq_len: int, max_batch: int = 1):
     """This process alone: a LocalGenerator."""
     from torchchat.generate.local import LocalGenerator
 
+    dtype, keep_quantized = weights_dtype(args, prep)
     return LocalGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, max_seq_len=max_seq_len,
-                                      max_batch=max_batch, dtype=args.dtype, device=prep.device,
-                                      compile=args.compile, quantize=args.quantize, model_args=prep.model_args,
-                                      **schedule_options(args))
+                                      max_batch=max_batch, dtype=dtype, keep_quantized=keep_quantized,
+                                      device=prep.device, compile=args.compile, quantize=args.quantize,
+                                      model_args=prep.model_args, **schedule_options(args))
 
 
 def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq_len: int, max_batch: int = 1):
@@ -87,5 +122,6 @@ def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq
     from torchchat.generate.distributed import DistributedGenerator
 
     return DistributedGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, dims,
-                                            max_seq_len=max_seq_len, max_batch=max_batch, dtype=args.dtype,
+                                            max_seq_len=max_seq_len, max_batch=max_batch,
+                                            dtype=weights_dtype(args, prep, one_process=False)[0],
                                             device=device, model_args=prep.model_args, **schedule_options(args))

@@ -6,7 +6,9 @@ Three steps, each usable alone:
 - ``load_state_dict(source, args, keep=, transform=)`` yields torchchat-named tensors one at a
   time, checked strictly against ``expected_shapes(args)``; the distributed code filters with
   ``keep`` and slices its shard in ``transform``, so no rank holds the whole model.
-- ``load_model(source, args)`` builds the Transformer on the meta device and assigns the tensors.
+- ``load_model(source, args)`` builds the Transformer on the meta device and assigns the tensors; with
+  ``keep_quantized=True`` a file's quantized weights (a GGUF's Q4_0, Q4_1, Q8_0, K-quants) go straight into
+  quantized layers (torchchat/quantize.py), never through a full-precision copy.
 
 The formats live in ``torchchat/checkpoints/``; each turns its files into ``LazyTensor``s under
 torchchat's names, and this module does the checking and loading for all of them.
@@ -23,12 +25,13 @@ from torchchat.catalog import ModelSource
 from torchchat.checkpoints import gguf as gguf_format
 from torchchat.checkpoints import huggingface, meta, pth
 from torchchat.checkpoints.common import (
-    GGUF_MAGIC, CheckpointError, LazyTensor, expected_shapes, magic, require_file,
+    GGUF_MAGIC, CheckpointError, LazyTensor, QuantizedTensor, expected_shapes, magic, require_file,
 )
-from torchchat.checkpoints.gguf import open_gguf
+from torchchat.checkpoints.gguf import kept_quantized, open_gguf
 from torchchat.model import ModelArgs, Transformer
 
-__all__ = ["CheckpointError", "expected_shapes", "load_model", "load_state_dict", "open_gguf", "read_model_args"]
+__all__ = ["CheckpointError", "expected_shapes", "gguf_weight_types", "kept_quantized", "load_model",
+           "load_state_dict", "open_gguf", "read_model_args", "weight_types"]
 
 
 def read_model_args(source: ModelSource) -> ModelArgs:
@@ -37,10 +40,24 @@ def read_model_args(source: ModelSource) -> ModelArgs:
     return fmt.model_args(path, source.name)
 
 
+def weight_types(source: ModelSource) -> dict[str, int]:
+    """The weight matrices of a GGUF by type, most first ({"Q4_1": 210, "Q8_0": 1}); {} for other formats."""
+    fmt, path = _format(source)
+    return fmt.weight_types(path) if fmt is gguf_format else {}
+
+
+def gguf_weight_types(path: Path) -> dict[str, int]:
+    """``weight_types`` of a GGUF file."""
+    return gguf_format.weight_types(Path(path))
+
+
 def load_state_dict(source: ModelSource, args: ModelArgs, *, keep: Callable[[str], bool] = lambda name: True,
                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The weights named as the model's state_dict, those ``keep`` accepts, cast to ``dtype``.
+                    dtype: torch.dtype = torch.float32,
+                    keep_quantized: bool = False) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The weights named as the model's state_dict, those ``keep`` accepts, cast to ``dtype``; with
+    ``keep_quantized`` a weight the file holds in a type torchchat runs quantized is a QuantizedTensor instead
+    (not passed to ``transform``).
 
     Each tensor is read (dequantized, merged, permuted), cast, and passed to ``transform(name,
     tensor)`` before the next is read. Strict: a missing, unexpected or misshapen tensor raises
@@ -55,25 +72,55 @@ def load_state_dict(source: ModelSource, args: ModelArgs, *, keep: Callable[[str
     found = fmt.tensors(path, args)
     expected = expected_shapes(args)
     _check(path, found, expected, args, keep)
-    return dict(_load(path, found, expected, args, keep, transform or (lambda name, t: t), dtype))
+    read = _read_quantized if keep_quantized else _read
+    return dict(_load(path, found, expected, args, keep, transform or (lambda name, t: t), dtype, read))
 
 
 def load_model(source: ModelSource, args: ModelArgs, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
-    """The Transformer with its weights, in eval mode, without gradients."""
+               device: str | torch.device = "cpu", keep_quantized: bool = False) -> Transformer:
+    """The Transformer with its weights, in eval mode, without gradients. ``keep_quantized`` (CPU only): the
+    file's quantized weights become quantized layers; ``dtype`` is then that of the others (norms)."""
     device = torch.device(device)
+    if keep_quantized and device.type != "cpu":
+        raise CheckpointError(f"quantized layers run on CPU only, not {device}: dequantize the weights (--dtype)")
     with torch.device("meta"):  # no memory for weights that are about to be replaced
         model = Transformer(args)
     tied = args.tie_embeddings
     state = load_state_dict(source, args, keep=lambda name: not (tied and name == "output.weight"),
-                            transform=lambda name, t: t.to(device), dtype=dtype)  # each to device as read
-    if tied:
+                            transform=lambda name, t: t.to(device), dtype=dtype,  # each to device as read
+                            keep_quantized=keep_quantized)
+    quantized = {name: t for name, t in state.items() if isinstance(t, QuantizedTensor)}
+    for name, weight in quantized.items():
+        del state[name]
+        _install_quantized(model, name.removesuffix(".weight"), weight, state)
+    if tied and "tok_embeddings.weight" in quantized:  # the output layer reads the embedding's very buffers
+        _install_module(model, "output", model.tok_embeddings.as_linear(), state)
+    elif tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    if tied:  # one Parameter, not two sharing storage: .to() and parallel plans then keep them one
-        model.output.weight = model.tok_embeddings.weight
+    if tied and "tok_embeddings.weight" not in quantized:  # one Parameter, not two sharing storage: .to() and
+        model.output.weight = model.tok_embeddings.weight  # parallel plans then keep them one
     return model.to(device).requires_grad_(False).eval()
+
+
+def _install_quantized(model: Transformer, path: str, weight: QuantizedTensor, state: dict) -> None:
+    """Put the quantized layer for ``weight`` at ``path`` (a linear, or the embedding) and its buffers in ``state``."""
+    from torchchat import quantize
+
+    if path == "tok_embeddings":
+        module = (quantize.Int4Embedding if weight.layout == "int4" else quantize.Int8Embedding)(*weight.tensors)
+    elif weight.layout == "int4":
+        module = quantize.Int4Linear(*weight.tensors, group_size=32)
+    else:
+        module = quantize.Int8Linear(*weight.tensors)
+    _install_module(model, path, module, state)
+
+
+def _install_module(model: Transformer, path: str, module: torch.nn.Module, state: dict) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+    state.update({f"{path}.{key}": value for key, value in module.state_dict().items()})
 
 
 def _format(source: ModelSource):
@@ -125,28 +172,31 @@ def _check(path: Path, found: dict[str, LazyTensor], expected: dict[str, tuple[i
                               f"{expected[wrong[0]]}{_more(wrong)}: {fix}")
 
 
-def _load(path, found, expected, args, keep, transform, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _load(path, found, expected, args, keep, transform, dtype, read) -> Iterator[tuple[str, torch.Tensor]]:
     for name in expected:
         if args.tie_embeddings and name == "tok_embeddings.weight":
-            yield from _load_tied(path, found, keep, transform, dtype)
+            yield from _load_tied(path, found, keep, transform, dtype, read)
         elif not (args.tie_embeddings and name == "output.weight") and keep(name):
-            yield name, transform(name, _read(path, name, found[name], dtype))
+            t = read(path, name, found[name], dtype)
+            yield name, t if isinstance(t, QuantizedTensor) else transform(name, t)
 
 
-def _load_tied(path, found, keep, transform, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _load_tied(path, found, keep, transform, dtype, read) -> Iterator[tuple[str, torch.Tensor]]:
     """The embedding, given to both names right away, so that the full tensor is not held any longer."""
     names = [n for n in ("tok_embeddings.weight", "output.weight") if keep(n)]
     if not names:
         return
-    emb = _read(path, "tok_embeddings.weight", found["tok_embeddings.weight"], dtype)
+    emb = read(path, "tok_embeddings.weight", found["tok_embeddings.weight"], dtype)
     if "output.weight" in found:  # e.g. torch.save of a tied model: a duplicate, as long as it is one
         out = _read(path, "output.weight", found["output.weight"], dtype)
-        if not (out.data_ptr() == emb.data_ptr() or torch.equal(out, emb)):
+        same = _read(path, "tok_embeddings.weight", found["tok_embeddings.weight"], dtype) \
+            if isinstance(emb, QuantizedTensor) else emb
+        if not (out.data_ptr() == same.data_ptr() or torch.equal(out, same)):
             raise CheckpointError(f"{path} has an output.weight that differs from the embedding, but the model "
                                   f"ties them: set tie_word_embeddings / tie_embeddings to false")
-        del out
+        del out, same
     for name in names:
-        yield name, transform(name, emb)
+        yield name, emb if isinstance(emb, QuantizedTensor) else transform(name, emb)
 
 
 def _read(path: Path, name: str, lazy: LazyTensor, dtype: torch.dtype) -> torch.Tensor:
@@ -155,6 +205,19 @@ def _read(path: Path, name: str, lazy: LazyTensor, dtype: torch.dtype) -> torch.
         raise CheckpointError(f"tensor {_describe(name, lazy)} in {path} holds {tuple(t.shape)}, its header says "
                               f"{lazy.shape}: the file is corrupt; re-download or re-export it")
     return t.to(dtype)
+
+
+def _read_quantized(path: Path, name: str, lazy: LazyTensor, dtype: torch.dtype) -> torch.Tensor | QuantizedTensor:
+    """The tensor in its quantized layout where the file has one (``lazy.load_quantized``), else as ``_read``."""
+    if lazy.load_quantized is None:
+        return _read(path, name, lazy, dtype)
+    weight = lazy.load_quantized()
+    rows, columns = lazy.shape
+    first = weight.tensors[0]
+    if first.size(0) != rows or first.size(1) * (2 if weight.layout == "int4" else 1) != columns:
+        raise CheckpointError(f"tensor {_describe(name, lazy)} in {path} holds {weight.layout} blocks for "
+                              f"{tuple(first.shape)}, its header says {lazy.shape}: the file is corrupt")
+    return weight
 
 
 def _describe(name: str, t: LazyTensor) -> str:

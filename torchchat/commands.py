@@ -89,14 +89,27 @@ def chat_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
 
 
 def cmd_list(args) -> int:
+    """Every known model, with what it runs as by default (see builder.weights_dtype) where it is available."""
+    from torchchat.builder import describe_weights
     from torchchat.catalog import list_models
+    from torchchat.checkpoint import CheckpointError, gguf_weight_types
     from torchchat.model import KNOWN_MODELS
 
-    print(f"{'model':<16} {'layers':>6} {'dim':>6} {'heads':>9} {'context':>8}  available")
+    rows = []
     for name, path in list_models():
         a = KNOWN_MODELS[name]
-        heads = f"{a.n_heads}/{a.n_kv_heads}"
-        print(f"{name:<16} {a.n_layers:>6} {a.dim:>6} {heads:>9} {a.max_context:>8}  {path or 'not available'}")
+        runs_as = "-"
+        if path is not None:
+            try:
+                runs_as = describe_weights(gguf_weight_types(path) if path.suffix == ".gguf" else {})
+            except CheckpointError:
+                runs_as = "unreadable"
+        rows.append((name, a.n_layers, a.dim, f"{a.n_heads}/{a.n_kv_heads}", a.max_context, runs_as,
+                     path or "not available"))
+    width = max(len("runs as"), *(len(r[5]) for r in rows))
+    print(f"{'model':<16} {'layers':>6} {'dim':>6} {'heads':>9} {'context':>8}  {'runs as':<{width}}  available")
+    for name, layers, dim, heads, context, runs_as, where in rows:
+        print(f"{name:<16} {layers:>6} {dim:>6} {heads:>9} {context:>8}  {runs_as:<{width}}  {where}")
     return 0
 
 

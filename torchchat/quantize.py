@@ -189,6 +189,27 @@ class Int4PackedLinear(nn.Module):
                 f"group_size={self.group_size}")
 
 
+class Int4Embedding(nn.Module):
+    """An embedding table in Int4Linear's layout (a GGUF's Q4_0/Q4_1/Q4_K token_embd, groups of 32): the rows of the
+    tokens looked up are dequantized to float32, the table stays 4-bit. ``as_linear()`` is the tied output layer
+    over the very same buffers."""
+
+    quantized_kind = "int4"
+
+    def __init__(self, packed: torch.Tensor, scales_and_mins: torch.Tensor, group_size: int = 32):
+        super().__init__()
+        self.table = Int4Linear(packed, scales_and_mins, group_size)  # row t of W is token t's embedding
+
+    def as_linear(self) -> Int4Linear:
+        return Int4Linear(self.table.packed, self.table.scales_and_mins, self.table.group_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.table
+        flat = ids.reshape(-1)  # (N,)
+        one = Int4Linear(table.packed[flat], table.scales_and_mins[flat], table.group_size)  # the N rows, as a table
+        return one.dequantize().view(*ids.shape, table.in_features)  # (..., dim)
+
+
 def int4_group_size(in_features: int, out_features: int, preferred: int = DEFAULT_INT4_GROUP_SIZE) -> int | None:
     """The group size to use for a weight of this shape, or None if the int4 kernel cannot take it.
 
@@ -238,3 +259,18 @@ def _quantized(linear: nn.Linear, scheme: str, group_size: int) -> nn.Module | N
     if g is None:
         return None
     return (Int4Linear if cpu_kernels.available() else Int4PackedLinear).from_linear(linear, g)
+
+
+def describe_layers(model: nn.Module, dtype: str) -> str:
+    """What a model's weights run as, for the load line: "fp32", or "int4 x210, int8 x2, fp32 activations"
+    (the embedding counts as a layer)."""
+    kinds = {Int8Linear: "int8", Int4Linear: "int4", Int4PackedLinear: "int4"}
+    counts = {}
+    for module in model.modules():
+        kind = kinds.get(type(module)) or getattr(module, "quantized_kind", None)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    if not counts:
+        return dtype
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) + \
+        f", {dtype} activations"

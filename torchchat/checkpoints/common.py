@@ -33,6 +33,26 @@ class LazyTensor:
     file_name: str
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
+    file_type: str | None = None  # the file's type of this tensor where it says one (a GGUF's "Q4_1", "F32")
+    load_quantized: Callable[[], "QuantizedTensor"] | None = None  # its blocks as they are, where kept quantized
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight read straight from a file's quantized blocks into one of torchchat's layouts (torchchat/quantize.py),
+    never through a full-precision copy:
+
+    - ``"int4"``: (packed (out, in / 2) uint8, scales_and_mins (out, in / 32, 2) float16): quantize.Int4Linear's;
+    - ``"int8"``: (weight (out, in) int8, scales (out, in / 32) float16): quantize.Int8Linear's block form.
+    """
+
+    layout: str
+    tensors: tuple[torch.Tensor, ...]
+    file_type: str  # what the file held, e.g. "Q4_1", for messages
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

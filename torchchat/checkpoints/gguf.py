@@ -1,8 +1,10 @@
-"""GGUF files (llama.cpp): ModelArgs from the ``llama.*`` metadata, tensors dequantized one at a time.
+"""GGUF files (llama.cpp): ModelArgs from the ``llama.*`` metadata, tensors read one at a time.
 
 The header is parsed by gguf_reader and the file memory-mapped, so a tensor's bytes are read only when
-it is dequantized. Q and K of a llama GGUF are already in Meta's interleaved-pair RoPE layout
-(llama.cpp's converter undid Hugging Face's permutation), so no tensor is permuted here.
+it is loaded. A quantized tensor of a type torchchat keeps quantized (gguf_quants.layout) can be read
+straight into a quantized layout (``LazyTensor.load_quantized``), or dequantized (``load``). Q and K of a llama
+GGUF are already in Meta's interleaved-pair RoPE layout (llama.cpp's converter undid Hugging Face's permutation), so
+no tensor is permuted here.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from torchchat.checkpoints import gguf_quants
 from torchchat.checkpoints.common import (
-    GGUF_MAGIC, CheckpointError, LazyTensor, checked_args, corrupt_error, default_context, magic, require_file,
+    GGUF_MAGIC, CheckpointError, LazyTensor, QuantizedTensor, checked_args, corrupt_error, default_context, magic,
+    require_file,
 )
 from torchchat.checkpoints.gguf_reader import GGUFFile, read_gguf
 from torchchat.model import ModelArgs, RopeScaling, rope_frequencies
@@ -118,8 +122,30 @@ def tensors(path: Path, args: ModelArgs) -> dict[str, LazyTensor]:
         if t.name == _ROPE_FREQS:
             _check_rope_freqs(f, args)
             continue
-        out[_torch_name(t.name)] = LazyTensor(t.name, _torch_shape(t), functools.partial(_dequantize, t))
+        layout = gguf_quants.layout(t.tensor_type) if len(t.shape) == 2 else None
+        quantized = functools.partial(_read_quantized, t, layout) if layout else None
+        out[_torch_name(t.name)] = LazyTensor(t.name, _torch_shape(t), functools.partial(_dequantize, t),
+                                              file_type=t.tensor_type.name, load_quantized=quantized)
     return out
+
+
+def weight_types(path: Path) -> dict[str, int]:
+    """How many of the file's weight matrices (2-D tensors) are of each type, most first: {"Q4_1": 210, "Q8_0": 1}."""
+    counts = {}
+    for t in _File(path).reader.tensors:
+        if len(t.shape) == 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def kept_quantized(file_type: str) -> str | None:
+    """The layout ("int4", "int8") a tensor of this GGUF type runs in by default, None if it is dequantized."""
+    return gguf_quants.layout(QType[file_type])
+
+
+def _read_quantized(t, layout: str) -> QuantizedTensor:
+    convert = gguf_quants.to_int4 if layout == "int4" else gguf_quants.to_int8
+    return QuantizedTensor(layout, tuple(convert(t)), t.tensor_type.name)
 
 
 def _torch_name(name: str) -> str:

@@ -46,21 +46,26 @@ class LocalGenerator(Generator):
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, *, max_seq_len: int, max_batch: int = 1,
                     dtype: str = "fp32", device: str = "cpu", compile: bool = False, quantize: str | None = None,
-                    model_args=None, **kwargs) -> "LocalGenerator":
-        """Load the weights of ``source`` and build a generator; reports the load time on stderr.
+                    keep_quantized: bool = False, model_args=None, **kwargs) -> "LocalGenerator":
+        """Load the weights of ``source`` and build a generator; reports the load time and what the weights run as
+        on stderr. ``keep_quantized``: the file's quantized weights stay quantized (checkpoint.load_model), ``dtype``
+        is then the other weights' and the activations'.
 
         ``model_args``: the source's ModelArgs when already read (the builder's Prepared has them); else read here.
         """
         from torchchat.checkpoint import load_model, read_model_args
+        from torchchat.quantize import describe_layers
 
         t0 = time.perf_counter()
-        model = load_model(source, model_args or read_model_args(source), dtype=DTYPES[dtype], device=device)
+        model = load_model(source, model_args or read_model_args(source), dtype=DTYPES[dtype], device=device,
+                           keep_quantized=keep_quantized)
         if quantize:
             from torchchat.quantize import quantize_model
             quantize_model(model, quantize)
         gen = cls(model, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=max_batch, compile=compile,
                   **kwargs)
-        gen.report(f"loaded {source.name} ({dtype}, {device}) in {time.perf_counter() - t0:.2f} s")
+        gen.report(f"loaded {source.name} ({describe_layers(model, dtype)}, {device}) in "
+                   f"{time.perf_counter() - t0:.2f} s")
         return gen
 
     def forward(self, step: Step) -> torch.Tensor:
