@@ -153,6 +153,71 @@ def test_dequantize_int4_matches_unpacking_with_torch_ops(out_features, in_featu
     torch.testing.assert_close(with_op, with_torch, rtol=1e-6, atol=1e-7)
 
 
+# ----- int8 blocks (Int8Linear's block form, llama.cpp's Q8_0): gemv with (out, in / 32) float16 scales -----
+
+def int8_blocks_reference(weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What gemv computes for an int8 weight in blocks of 32, in float64: x rounded as the op rounds it (int8 in
+    blocks of 32, float32 steps: d = max|x| / 127, xq = round(x * (1 / d))), times the dequantized weight."""
+    blocks = x.reshape(-1, 32)  # (in / 32, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (in / 32, 1)
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    x_rounded = (torch.round(blocks * inverse).double() * d.double()).reshape(1, -1)  # (1, in)
+    w = weight.double().view(weight.size(0), -1, 32) * scales.double()[..., None]  # (out, in / 32, 32)
+    return x_rounded @ w.view(weight.size(0), -1).T  # (1, out)
+
+
+def random_int8_blocks(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight over the whole int8 range, -128 included (a Q8_0 file may hold it; llama.cpp's quantizer makes
+    -127..127), with float16 block scales."""
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8)
+    return weight, (torch.rand(out_features, in_features // 32) * 0.02).half()
+
+
+# 8 blocks (256 inputs) at a time, then the rest (1-7 blocks): in_features of 1-7 blocks, exactly 1 and 8 chunks,
+# a partial chunk after several, and SmolLM2's 576 (2 chunks + 2 blocks).
+@pytest.mark.parametrize("out_features,in_features", [(1, 32), (37, 64), (5, 224), (16, 256), (48, 2048),
+                                                      (33, 2272), (1536, 576)])
+def test_gemv_int8_blocks_matches_exact_reference(out_features, in_features):
+    """The op against its definition in float64 (the same rounding of x, exact products): equal to float32
+    rounding. Close to the product with unrounded x."""
+    torch.manual_seed(out_features + in_features)
+    weight, scales = random_int8_blocks(out_features, in_features)
+    x = torch.randn(1, 1, in_features)
+    if in_features > 32:
+        x[..., :32] = 0  # a block of zeros: its scale is 0, not a division by zero
+    y = torch.ops.torchchat.gemv(x, weight, scales)
+    assert y.shape == (1, 1, out_features) and y.dtype == torch.float32
+    ref = int8_blocks_reference(weight, scales, x)
+    # measured at most 1.2e-7 of the largest output (float32 scale products and sums)
+    torch.testing.assert_close(y.view(1, -1).double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    if out_features > 1:  # x to int8 in blocks of 32: ~0.4% (measured)
+        exact = x.view(1, -1).double() @ Int8Linear(weight, scales).dequantize().double().T
+        assert ((y.view(1, -1).double() - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_gemv_int8_blocks_rows_equal_one_row_calls(two_threads):
+    """1 to MAX_GEMV_ROWS rows of very different scales on 2 threads: each row bit-identical to its one-row call on
+    1 thread. 352 inputs: a whole 8-block chunk and a partial one."""
+    torch.manual_seed(0)
+    weight, scales = random_int8_blocks(160, 352)  # 160 outputs: more than a thread's 64-row grain
+    limit = cpu_kernels.kernels.MAX_GEMV_ROWS
+    x = torch.randn(limit, 1, 352) * torch.logspace(-2, 2, limit).view(limit, 1, 1)
+    batches = {rows: torch.ops.torchchat.gemv(x[:rows], weight, scales) for rows in range(1, limit + 1)}
+    torch.set_num_threads(1)
+    alone = [torch.ops.torchchat.gemv(x[r:r + 1], weight, scales) for r in range(limit)]
+    for rows, y in batches.items():
+        for r in range(rows):
+            assert torch.equal(y[r:r + 1], alone[r]), f"row {r} of {rows}"
+
+
+def test_gemv_int8_blocks_bad_input_is_a_clear_error():
+    weight, scales = random_int8_blocks(8, 64)
+    with pytest.raises(RuntimeError, match="block scales .* must be \\(8, 2\\) float16"):
+        torch.ops.torchchat.gemv(torch.randn(1, 64), weight, scales[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="must be \\(8, 1\\) float16"):
+        torch.ops.torchchat.gemv(torch.randn(1, 48), weight[:, :48].contiguous(), scales[:, :1].contiguous())
+
+
 def test_gemv_int4_bad_input_is_a_clear_error():
     layer = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), 32)
     with pytest.raises(RuntimeError, match="group_size \\(48\\) must be a multiple of 32"):
@@ -187,7 +252,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kind", ["GemvLinear", "Int8Linear", "Int4Linear"])
+@pytest.mark.parametrize("kind", ["GemvLinear", "Int8Linear", "Int8Linear-blocks", "Int4Linear"])
 def test_linears_send_up_to_max_rows_to_the_op(kind, monkeypatch):
     """A decode step's sequences (up to MAX_GEMV_ROWS rows) go to the row kernels, one call for all of them; a
     longer input (a prompt) to torch's GEMMs."""
@@ -195,6 +260,7 @@ def test_linears_send_up_to_max_rows_to_the_op(kind, monkeypatch):
     linear = torch.nn.Linear(64, 48, bias=False)
     layer = {"GemvLinear": lambda: cpu_kernels.GemvLinear(linear.weight),
              "Int8Linear": lambda: Int8Linear.from_linear(linear),
+             "Int8Linear-blocks": lambda: Int8Linear.from_linear(linear, blocks=True),
              "Int4Linear": lambda: Int4Linear.from_linear(linear, 32)}[kind]()
     op = "gemv_int4" if kind == "Int4Linear" else "gemv"
     calls = []

@@ -14,7 +14,7 @@ from tests.generators import local_generator, tiny_source
 from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.model import ModelArgs, Transformer
-from torchchat.quantize import quantize_model
+from torchchat.quantize import Int8Linear, quantize_model
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
                                 reason="needs an AVX2 CPU and a C++ compiler")
@@ -29,20 +29,31 @@ def op_loaded():
 
 def random_model(args: ModelArgs, weights: str, seed: int = 0, cache_dtype=None, max_batch: int = 1) -> Transformer:
     """A random-weight model with the CPU kernels' linears (as LocalGenerator sets them), caches of max_batch rows
-    of 64 positions (the CPU default, float16, or cache_dtype), not yet fused. weights: fp32, bf16, int8, int4
-    (group size 32), int4-g64."""
+    of 64 positions (the CPU default, float16, or cache_dtype), not yet fused. weights: fp32, bf16, int8, int8-blocks
+    (the block linears in int8 blocks of 32, a GGUF's Q8_0), int4 (group size 32), int4-g64."""
     torch.manual_seed(seed)
     model = Transformer(args).eval()
     for p in model.parameters():  # weights of a trained model's scale: activations stay O(1) through the layers
         p.data.normal_(0, 0.5 / p.size(-1) ** 0.5) if p.dim() == 2 else p.data.uniform_(0.5, 1.5)
     if weights == "bf16":
         model.to(torch.bfloat16)
-    if weights.startswith("int"):
+    if weights == "int8-blocks":
+        in_blocks(model)
+    elif weights.startswith("int"):
         quantize_model(model, weights[:4], group_size=64 if weights.endswith("g64") else 32)
     cpu_kernels.use_gemv(model)
     model.setup_caches(max_batch, 64, dtype=cache_dtype)
     cpu_kernels.use_decode_attention(model)
     return model
+
+
+def in_blocks(model: Transformer):
+    """Every block linear as an Int8Linear in blocks of 32, in place."""
+    for block in model.layers.values():
+        for path in cpu_kernels.BLOCK_LINEARS:
+            owner, name = path.split(".")
+            parent = getattr(block, owner)
+            setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), blocks=True))
 
 
 def caches(model: Transformer) -> list[torch.Tensor]:
@@ -64,7 +75,7 @@ HEAD_DIM_48 = ModelArgs(dim=288, n_layers=2, n_heads=6, vocab_size=300, hidden_d
 # Shapes: SmolLM2's heads (64: the register-resident sums), 128 (two slabs of 64), 48 (the position-at-a-time
 # rest); positions: a first one, tails of the 8-position score loop, a long prefix.
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32], ids=["fp16-cache", "fp32-cache"])
-@pytest.mark.parametrize("weights", ["fp32", "int8", "int4", "int4-g64", "bf16"])
+@pytest.mark.parametrize("weights", ["fp32", "int8", "int8-blocks", "int4", "int4-g64", "bf16"])
 @pytest.mark.parametrize("args", [SMOLLM2_LIKE, HEAD_DIM_128, HEAD_DIM_48], ids=["hd64", "hd128", "hd48"])
 def test_fused_block_equals_the_modules(weights, args, cache_dtype):
     """Logits after a prompt and four decode steps, and every cache entry written, match the unfused step."""
@@ -83,7 +94,7 @@ def test_fused_block_equals_the_modules(weights, args, cache_dtype):
     # logits and caches (measured, every shape and cache dtype here). int4 (int8): an input is rounded to int8 (int16)
     # for the integer dot products, and a last-bit difference upstream can move one value to the next step (1/127 of
     # its block's largest; 1/32767 of the vector's), in either path. Measured largest differences: fp32 1.0e-6,
-    # int8 8.6e-5, int4 1.8e-5 of the largest logit.
+    # int8 8.6e-5, int8 in blocks 2.8e-7, int4 1.8e-5 of the largest logit.
     relative = {"bf16": 0, "int4": 1e-2, "int4-g64": 1e-2, "int8": 3e-4}.get(weights, 1e-5)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
@@ -128,7 +139,7 @@ def scrambled_step(model: Transformer, batch: int, seed: int):
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32], ids=["fp16-cache", "fp32-cache"])
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8", "int4", "int4-g64"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8", "int8-blocks", "int4", "int4-g64"])
 def test_batch_rows_equal_one_row_calls(weights, cache_dtype, batch):
     """The op on a batch of sequences, each at its own position in its own cache row (scrambled), on 2 threads: each
     row's output and cache writes are bit-identical to the op on that row alone on 1 thread, and nothing else of

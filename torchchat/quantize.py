@@ -8,7 +8,10 @@ stream from memory:
 
 - int8: one float32 scale per output row (symmetric). 1 byte per weight. An input of a few rows (a decode
   step's sequences, up to ``kernels.MAX_GEMV_ROWS``) goes to ``torch.ops.torchchat.gemv`` (see torchchat.cpu), in
-  float32; without it, to ``aten._weight_int8pack_mm``.
+  float32; without it, to ``aten._weight_int8pack_mm``. ``Int8Linear`` also takes llama.cpp's Q8_0 layout, a
+  float16 scale a block of 32 inputs (a GGUF's Q8_0 tensors, run as they are: the op rounds the activations to
+  int8 in blocks of 32, as llama.cpp does), and ``Int8Embedding`` holds an embedding table in it, with the output
+  layer tied to it over the same buffers (``Int8Linear.tied_to``).
 - int4: groups of ``group_size`` weights along the input dimension share a scale and a min
   (asymmetric, min-max; llama.cpp's Q4_1 with groups of 32), float16 scales and mins: 0.625 bytes a
   weight. ``Int4Linear`` sends an input of a few rows to ``torch.ops.torchchat.gemv_int4``, which rounds the
@@ -47,35 +50,100 @@ _PREFILL_ROWS = 32
 _FLOAT_LINEARS = (nn.Linear, GemvLinear)  # what quantize_model replaces
 
 
+INT8_BLOCK = 32  # inputs a block scale covers in Int8Linear's block form (llama.cpp's Q8_0)
+
+
+def int8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (rows, cols) in int8 blocks of INT8_BLOCK along a row, as llama.cpp's Q8_0 quantizes: a scale a block
+    d = max|w| / 127 (float16), q = round(w / d). Returns q (rows, cols) int8 and d (rows, cols / 32) float16."""
+    rows, cols = w.shape
+    blocks = w.detach().float().reshape(rows, cols // INT8_BLOCK, INT8_BLOCK)  # (rows, n_blocks, 32)
+    scales = (blocks.abs().amax(dim=-1) / 127).half()  # (rows, n_blocks)
+    inverse = torch.where(scales > 0, 1 / scales.float(), torch.zeros_like(scales, dtype=torch.float32))
+    q = torch.round(blocks * inverse[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(rows, cols), scales
+
+
+def dequantize_int8_blocks(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """weight (rows, cols) int8 times its block scales (rows, cols / 32): (rows, cols) float32."""
+    rows, cols = weight.shape
+    blocks = weight.view(rows, cols // INT8_BLOCK, INT8_BLOCK).float()  # (rows, n_blocks, 32)
+    return (blocks * scales.float()[..., None]).view(rows, cols)
+
+
+def _check_int8_blocks(weight: torch.Tensor, scales: torch.Tensor, what: str):
+    rows, cols = weight.shape
+    if weight.dtype != torch.int8 or cols % INT8_BLOCK or scales.shape != (rows, cols // INT8_BLOCK) \
+            or scales.dtype != torch.float16:
+        raise ValueError(f"{what} in int8 blocks: weight ({rows}, {cols}) int8 with {cols} a multiple of "
+                         f"{INT8_BLOCK}, scales ({rows}, {cols // INT8_BLOCK}) float16; got {weight.dtype} weight, "
+                         f"scales {tuple(scales.shape)} {scales.dtype}")
+
+
 class Int8Linear(nn.Module):
-    """y = x @ (weight * scales[:, None]).T with ``weight`` int8 (out, in) and ``scales`` (out,)."""
+    """y = x @ W.T with ``weight`` int8 (out, in), in one of two forms:
+
+    - a scale a row: ``scales`` (out,) float32, W[o, i] = weight[o, i] * scales[o] (what ``--quantize int8`` makes);
+    - a scale a block of 32 inputs: ``scales`` (out, in / 32) float16, W[o, i] = weight[o, i] * scales[o, i // 32]
+      (llama.cpp's Q8_0 block (d, qs[32]) de-interleaved, as a GGUF's Q8_0 tensors load).
+
+    An input of at most ``kernels.MAX_GEMV_ROWS`` rows (a decode step's sequences) goes to ``torch.ops.torchchat.gemv``
+    (both forms); a long one (a prompt) to float32 GEMMs on slices of W. Without the op, the row form uses aten's
+    int8 kernel, the block form float32 GEMMs.
+    """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.blocks = scales.dim() == 2  # the block form
+        if self.blocks:
+            _check_int8_blocks(weight, scales, "Int8Linear")
+        elif weight.dtype != torch.int8 or scales.shape != (self.out_features,):
+            raise ValueError(f"Int8Linear: weight ({self.out_features}, {self.in_features}) int8 with scales "
+                             f"({self.out_features},) or ({self.out_features}, {self.in_features // INT8_BLOCK}); "
+                             f"got {weight.dtype} weight, scales {tuple(scales.shape)}")
         self.register_buffer("weight", weight)  # (out, in) int8
-        self.register_buffer("scales", scales)  # (out,) float32: a bf16 scale would be off by up to 0.4% a row
+        # (out,) float32 (a bf16 scale would be off by up to 0.4% a row), or (out, in / 32) float16
+        self.register_buffer("scales", scales)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, *, blocks: bool = False) -> "Int8Linear":
+        """``linear``'s weight quantized with a scale a row, or with ``blocks`` a scale a block of 32 inputs."""
+        if blocks:
+            return cls(*int8_blocks(linear.weight))
         w = linear.weight.detach().float()  # (out, in)
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # (out,)
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q, scales)
 
+    @classmethod
+    def tied_to(cls, embedding: "Int8Embedding") -> "Int8Linear":
+        """The output layer tied to ``embedding`` (logits = h @ table.T): the very same buffers, no copy."""
+        return cls(embedding.weight, embedding.scales)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.blocks:
+            return dequantize_int8_blocks(self.weight, self.scales).to(dtype)  # (out, in)
         return (self.weight.to(dtype) * self.scales.to(dtype)[:, None])  # (out, in)
+
+    def _kernel_scales(self) -> bool:
+        """Are the scales in the dtype the op reads for this form (a model's .to(dtype) converts them)?"""
+        return self.scales.dtype == (torch.float16 if self.blocks else torch.float32)
 
     def gemv_operands(self):
         """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (torchchat.cpu)."""
-        return (self.weight, self.scales, 0) if self.scales.dtype == torch.float32 else None
+        if not self._kernel_scales():
+            return None
+        return self.weight, self.scales, INT8_BLOCK if self.blocks else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (B * T, in)
         if rows.size(0) >= _PREFILL_ROWS:
             return self._float32_linear(x)
-        if cpu_kernels.supports(rows, self.weight):  # a decode step's few rows: see torchchat.cpu
+        if self._kernel_scales() and cpu_kernels.supports(rows, self.weight):  # a decode step's few rows
             return torch.ops.torchchat.gemv(x, self.weight, self.scales)
+        if self.blocks:
+            return self._float32_linear(x)
         y = torch.ops.aten._weight_int8pack_mm(rows.to(_COMPUTE_DTYPE), self.weight,
                                                self.scales.to(_COMPUTE_DTYPE))  # (B * T, out)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -83,12 +151,45 @@ class Int8Linear(nn.Module):
     def _float32_linear(self, x: torch.Tensor) -> torch.Tensor:
         """A long input: float32 GEMM on the weight dequantized a slice of rows at a time (bounded memory)."""
         def weight_rows(start: int, end: int) -> torch.Tensor:
+            if self.blocks:
+                return dequantize_int8_blocks(self.weight[start:end], self.scales[start:end])  # (end - start, in)
             return self.weight[start:end].float() * self.scales[start:end].float()[:, None]  # (end - start, in)
 
         return cpu_kernels.float32_linear(x, self.out_features, weight_rows)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        form = f"int8, blocks of {INT8_BLOCK}" if self.blocks else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {form}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table in int8 blocks of 32 (llama.cpp's Q8_0, as a GGUF's token_embd.weight loads): row t is
+    ``weight[t, i] * scales[t, i // 32]``; ``weight`` (vocab, dim) int8, ``scales`` (vocab, dim / 32) float16.
+    ``forward(tokens)`` gathers the tokens' rows and dequantizes them to float32: (..., dim). A tied output layer is
+    ``Int8Linear.tied_to(embedding)``, over the same buffers."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        _check_int8_blocks(weight, scales, "Int8Embedding")
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("weight", weight)  # (vocab, dim) int8
+        self.register_buffer("scales", scales)  # (vocab, dim / 32) float16
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        return cls(*int8_blocks(embedding.weight))
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole table in float32: (vocab, dim)."""
+        return dequantize_int8_blocks(self.weight, self.scales)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[tokens]  # (..., dim) int8
+        blocks = rows.view(*tokens.shape, -1, INT8_BLOCK).float()  # (..., dim / 32, 32)
+        return (blocks * self.scales[tokens].float()[..., None]).view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8, blocks of {INT8_BLOCK}"
 
 
 def _int4_grid(linear: nn.Linear, group_size: int):

@@ -165,9 +165,9 @@ def use_fused_decode(model: torch.nn.Module) -> int:
     all its layers to ``torch.ops.torchchat.decode_layers``: one call a step, ~5 thread wake-ups a layer instead of
     ~15 ops and their dispatches (csrc/decode_layers.cpp says why). The model must be a CPUTransformer (``as_cpu``) and
     every block qualify: norms float32 or bfloat16 with one eps, and each linear giving ``gemv_operands()``
-    (GemvLinear: float32/bfloat16; quantize's Int8Linear, Int4Linear); the caches, float16 or float32, are
-    checked when the op's arguments are gathered (steps with other caches keep the modules). Prompts and
-    larger batches keep the modules' own path. Call it again after replacing any of the model's modules or
+    (GemvLinear: float32/bfloat16; quantize's Int8Linear, a scale a row or a block, Int4Linear); the caches,
+    float16 or float32, are checked when the op's arguments are gathered (steps with other caches keep the modules).
+    Prompts and larger batches keep the modules' own path. Call it again after replacing any of the model's modules or
     parameters. Returns how many layers; 0 where it does not apply."""
     blocks = list(as_cpu(model).layers.values()) if isinstance(model, Transformer) else []
     if not kernels.available() or not blocks or not all(_fusable(block, blocks[0]) for block in blocks):

@@ -21,12 +21,14 @@
 // norms: 2n, (attention_norm, ffn_norm) of each, (dim,). linears: 14n, (weight, aux) for wq, wk, wv, wo, w1,
 // w3, w2 of each, every one of
 //   float32 or bfloat16 weight (out, in), aux None;
-//   int8 weight (out, in), aux (out,) float32 row scales (quantize.Int8Linear);
+//   int8 weight (out, in), aux (out,) float32 row scales, group size 0 (quantize.Int8Linear);
+//   int8 weight (out, in), aux (out, in / 32) float16 block scales, group size 32 (Int8Linear's block form:
+//   llama.cpp's Q8_0);
 //   uint8 packed (out, in / 2), aux (out, in / g, 2) float16, g = its group size (quantize.Int4Linear);
-// group_sizes: 7n ints, 0 where not 4-bit. k_caches, v_caches: n each, the whole caches (N, n_kv_heads, S,
-// head_dim), contiguous, all float32 or all float16 (k and v are rounded to it, as the modules' cache write
-// rounds). rope: (B, 1, head_dim / 2, 2) float32, (cos, sin) at each row's position. input_pos: (B,) int64, the
-// rows' positions; rows: (B,) int64, distinct, the rows' cache rows (0 <= rows[b] < N).
+// group_sizes: 7n ints, 0 where neither 4-bit nor int8 blocks. k_caches, v_caches: n each, the whole caches
+// (N, n_kv_heads, S, head_dim), contiguous, all float32 or all float16 (k and v are rounded to it, as the modules'
+// cache write rounds). rope: (B, 1, head_dim / 2, 2) float32, (cos, sin) at each row's position. input_pos: (B,)
+// int64, the rows' positions; rows: (B,) int64, distinct, the rows' cache rows (0 <= rows[b] < N).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -68,9 +70,18 @@ LinearWeight linear_weight(const std::optional<at::Tensor> &weight, const std::o
       TORCH_CHECK(!aux.has_value() && group_size == 0, "torchchat::decode_layers: ", name, " is a float weight: no aux");
       break;
     case at::kChar:
+      if (group_size == 32) {
+        TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kHalf && aux->is_contiguous() &&
+                        w.n_in % 32 == 0 && aux->dim() == 2 && aux->size(0) == w.n_out && aux->size(1) == w.n_in / 32,
+                    "torchchat::decode_layers: int8 ", name, " in blocks of 32 needs (", w.n_out, ", ", w.n_in / 32,
+                    ") float16 block scales");
+        w.block_scales = aux->data_ptr<c10::Half>();
+        break;
+      }
       TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kFloat && aux->is_contiguous() &&
-                      aux->numel() == w.n_out,
-                  "torchchat::decode_layers: int8 ", name, " needs (", w.n_out, ",) float32 row scales");
+                      aux->numel() == w.n_out && group_size == 0,
+                  "torchchat::decode_layers: int8 ", name, " needs (", w.n_out,
+                  ",) float32 row scales (group size 0) or block scales (group size 32)");
       w.row_scale = aux->data_ptr<float>();
       break;
     case at::kByte:

@@ -14,8 +14,10 @@
 // torchchat.cpu.kernels.supports says up to how many rows this beats torch's GEMM (MAX_GEMV_ROWS).
 //
 // x: (..., in), R = numel / in rows, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
-// bfloat16 or int8; scale: (out,) or None. Returns (..., out) in x's dtype; sums in float32 (int8: each row of x
-// in int16 with its own scale, see gemv_rows.h).
+// bfloat16 or int8; scale: (out,) or None, y[o] *= scale[o]; or, for an int8 weight, (out, in / 32) float16, a
+// scale a block of 32 (W[o, i] = weight[o, i] * scale[o, i / 32]: llama.cpp's Q8_0, quantize.Int8Linear's block
+// form). Returns (..., out) in x's dtype; sums in float32 (int8 with row scales: each row of x in int16 with its
+// own scale; int8 blocks: in int8 blocks of 32, see gemv_rows.h).
 // Built by torchchat/cpu/kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
 // row kernels are in gemv_rows.h, the row loop (multiply, shared with decode_layers.cpp) in linear_rows.h.
 
@@ -55,16 +57,23 @@ at::Tensor gemv(const at::Tensor &x, const at::Tensor &weight, const std::option
               "torchchat::gemv: x must be rows of ", weight.size(1), " values, got ", x.sizes());
   const int64_t n_out = weight.size(0), n_in = weight.size(1), n_rows = x.numel() / n_in;
   const at::Tensor x32 = x.reshape({n_rows, n_in}).to(at::kFloat).contiguous();  // (R, in)
-  std::optional<at::Tensor> scale32;
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->numel() == n_out, "torchchat::gemv: scale must have ", n_out, " values");
-    scale32 = scale->reshape({n_out}).to(at::kFloat).contiguous();  // (out,)
-  }
   const at::ScalarType dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar,
               "torchchat::gemv: weight dtype ", dtype, " is not float32, bfloat16 or int8");
-  const LinearWeight w{dtype, weight.data_ptr(), scale32 ? scale32->data_ptr<float>() : nullptr, nullptr, 0, n_out,
-                       n_in};
+  LinearWeight w{dtype, weight.data_ptr()};
+  w.n_out = n_out;
+  w.n_in = n_in;
+  std::optional<at::Tensor> scale32;
+  if (dtype == at::kChar && scale.has_value() && scale->dim() == 2 && scale->scalar_type() == at::kHalf) {
+    TORCH_CHECK(n_in % 32 == 0 && scale->size(0) == n_out && scale->size(1) == n_in / 32 && scale->is_contiguous(),
+                "torchchat::gemv: block scales of an int8 (", n_out, ", ", n_in, ") weight must be (", n_out, ", ",
+                n_in / 32, ") float16, contiguous, for blocks of 32 inputs; got ", scale->sizes());
+    w.block_scales = scale->data_ptr<c10::Half>();
+  } else if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == n_out, "torchchat::gemv: scale must have ", n_out, " values");
+    scale32 = scale->reshape({n_out}).to(at::kFloat).contiguous();  // (out,)
+    w.row_scale = scale32->data_ptr<float>();
+  }
   return multiply_rows(x32, x, w);
 }
 

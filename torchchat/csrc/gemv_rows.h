@@ -1,6 +1,7 @@
 // One weight row times R rows of x (R = 1 or 2: the register budget), for each weight format: dot_rows (float32,
-// bfloat16), dot_rows_int8 (int8, the activations from quantize_row_int16) and, for 4-bit weights
-// (quantize.Int4Linear's layout), quantize_row + dot_rows_group32 / dot_row_int4.
+// bfloat16), dot_rows_int8 (int8 with a scale a row, the activations from quantize_row_int16), and, with the
+// activations in int8 blocks of 32 from quantize_row: dot_rows_q4 (4-bit weights, quantize.Int4Linear's layout)
+// and dot_rows_q8 (int8 weights with a float16 scale a block of 32, llama.cpp's Q8_0).
 // Shared by the ops of gemv.cpp (one matrix a call) and decode_layers.cpp (a model's blocks a call).
 // Each computes one output value per x row; callers split the weight rows over threads (linear_rows.h).
 //
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace torchchat_cpu {
@@ -171,16 +173,25 @@ inline void unpack_block(const uint8_t *q, int64_t b, __m128i &lo, __m128i &hi) 
 constexpr int64_t kChunkBlocks = 8;      // blocks that dot_chunk reduces together
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead dot_rows_group32 fetches
 
+// How a weight reads x in int8 blocks of 32: the blocks' order, and the groups whose sums of x it needs (a 4-bit
+// weight's min terms). multiply quantizes x once for every weight of the same form.
+struct BlockForm {
+  int64_t group_size = 0;  // 0: the weight does not read x in blocks (float, int8 with a scale a row)
+  bool paired = false;     // blocks 2p and 2p + 1 interleaved by halves (dot_chunk), or in order
+  bool operator==(const BlockForm &) const = default;
+};
+
 struct QuantizedRow {
-  std::vector<int8_t> q;           // group_size 32: in the order dot_chunk reads it, zeros up to a whole
-                                   // chunk; others: (in,) in order. x / d, rounded.
+  std::vector<int8_t> q;           // paired: in the order dot_chunk reads it; else (in,) in order; zeros up to a
+                                   // whole chunk. x / d, rounded.
   std::vector<float> block_scale;  // (in / 32,) d, zeros up to a whole chunk
   std::vector<float> group_sum;    // (in / group_size,) sums of xq * d, zeros up to a whole chunk
 };
 
-inline QuantizedRow quantize_row(const float *x, int64_t n_in, int64_t group_size) {
+inline QuantizedRow quantize_row(const float *x, int64_t n_in, BlockForm form) {
   const int64_t n_blocks = n_in / 32, padded = (n_blocks + kChunkBlocks - 1) / kChunkBlocks * kChunkBlocks;
-  const bool paired = group_size == 32;
+  const int64_t group_size = form.group_size;
+  const bool paired = form.paired;
   QuantizedRow r{std::vector<int8_t>(32 * padded), std::vector<float>(padded),
                  std::vector<float>(std::max(n_in / group_size, padded))};
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -326,6 +337,83 @@ inline void dot_rows_q4(const QuantizedRow *x, const uint8_t *q, const c10::Half
     return;
   }
   for (int r = 0; r < R; r++) out[r * out_stride] = dot_row_int4(x[r], q, sm, n_in, group_size);
+}
+
+// ----- int8 blocks (quantize.Int8Linear's block form, llama.cpp's Q8_0) -----
+//
+// W[o, i] = w[o, i] * d[o, i / 32]: w (out, in) int8, d (out, in / 32) float16 (a Q8_0 block's d and qs[32]).
+// As llama.cpp's ggml_vec_dot_q8_0_q8_0 does on AVX2, x is quantized once per call to int8 in blocks of 32, in
+// order (quantize_row: x ~ xq * d_x, d_x = max|x| / 127 a block), and a block's w . xq is an integer dot product:
+// maddubs multiplies unsigned by signed bytes, so it takes |w| and xq with w's sign (the sign trick: the products
+// are w * xq; |w| <= 128, |xq| <= 127, so a pair's sum fits int16), and madd sums pairs of those into 8 int32.
+// y[o] = sum over blocks b of d[o, b] * d_x[b] * (w . xq)_b: exact integer sums, one float multiply-add a block.
+// Beyond llama.cpp, which converts each block's 8 partial sums to float and scales them by its own broadcast
+// scale (two float16 conversions, a multiply and a broadcast a block): as dot_chunk does for 4-bit weights, eight
+// blocks' sums are reduced together (six hadds and a lane swap) into one vector of 8 block sums, converted once
+// and scaled by one vector of 8 scales (one float16 conversion for 8 blocks).
+
+// Blocks [b0, b0 + n) of an int8 row (n <= 8; fewer: the row's last chunk, no read past the row) times R rows of x
+// (consecutive QuantizedRows, in order). Adds each x row's chunk terms into its acc. The weight's magnitudes are
+// taken, and its scales converted, once for the R rows.
+template <bool PARTIAL, int R>
+inline void dot_chunk_q8(const QuantizedRow *x, const int8_t *w, const c10::Half *d, int64_t b0, int64_t n,
+                         __m256 *acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i quads[R][2];  // quad h: blocks b0 + 4h .. b0 + 4h + 3, lanes as hadd leaves them (see below)
+  for (int h = 0; h < 2; h++) {
+    __m256i sums[R][4];  // each block's 8 partial sums, int32
+    for (int k = 0; k < 4; k++) {
+      const int64_t b = b0 + 4 * h + k;
+      if (PARTIAL && 4 * h + k >= n) {
+        for (int r = 0; r < R; r++) sums[r][k] = _mm256_setzero_si256();
+        continue;
+      }
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + 32 * b));
+      const __m256i magnitude = _mm256_abs_epi8(wb);  // -128 -> 0x80, read as 128 by maddubs
+      for (int r = 0; r < R; r++) {
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[r].q.data() + 32 * b));
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xb, wb));  // |.| <= 32512
+        sums[r][k] = _mm256_madd_epi16(pairs, ones);
+      }
+    }
+    // [s0 lo, s1 lo, s2 lo, s3 lo | s0 hi, s1 hi, s2 hi, s3 hi]: each block's sums over its low and high 128 bits
+    for (int r = 0; r < R; r++)
+      quads[r][h] = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[r][0], sums[r][1]),
+                                      _mm256_hadd_epi32(sums[r][2], sums[r][3]));
+  }
+  __m128i raw_scales;
+  if (PARTIAL) {
+    uint16_t bits[8] = {};  // the missing blocks' scales 0
+    std::memcpy(bits, d + b0, 2 * n);
+    raw_scales = _mm_loadu_si128(reinterpret_cast<const __m128i *>(bits));
+  } else {
+    raw_scales = _mm_loadu_si128(reinterpret_cast<const __m128i *>(d + b0));
+  }
+  const __m256 scales = _mm256_cvtph_ps(raw_scales);
+  for (int r = 0; r < R; r++) {
+    const __m256i low = _mm256_permute2x128_si256(quads[r][0], quads[r][1], 0x20);   // blocks' low-half sums
+    const __m256i high = _mm256_permute2x128_si256(quads[r][0], quads[r][1], 0x31);  // and high-half sums
+    const __m256 dots = _mm256_cvtepi32_ps(_mm256_add_epi32(low, high));  // blocks b0 .. b0 + 7, exact (< 2^24)
+    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_loadu_ps(x[r].block_scale.data() + b0)), dots, acc[r]);
+  }
+}
+
+// One int8-block row times R rows of x, chunk by chunk: out[r * out_stride] = x_r . row. n_in: a multiple of 32.
+template <int R>
+inline void dot_rows_q8(const QuantizedRow *x, const int8_t *w, const c10::Half *d, int64_t n_in, float *out,
+                        int64_t out_stride) {
+  const int64_t n_blocks = n_in / 32, whole = n_blocks / kChunkBlocks * kChunkBlocks;
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < whole; b += kChunkBlocks) {
+    // fetch ahead, as dot_rows_group32 does: a chunk is 4 cache lines of weights and 16 bytes of scales
+    const char *ahead = reinterpret_cast<const char *>(w + 32 * b) + kPrefetchBytes;
+    for (int line = 0; line < 4; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char *>(d + b) + kPrefetchBytes / 16, _MM_HINT_T0);
+    dot_chunk_q8<false, R>(x, w, d, b, kChunkBlocks, acc);
+  }
+  if (whole < n_blocks) dot_chunk_q8<true, R>(x, w, d, whole, n_blocks - whole, acc);
+  for (int r = 0; r < R; r++) out[r * out_stride] = hsum(acc[r]);
 }
 
 }  // namespace torchchat_cpu

@@ -32,18 +32,29 @@ struct XRows {
   int64_t n;                       // R
   const float *x;                  // row r at x + r * stride, float32
   int64_t stride;
-  const QuantizedRow *xq;          // (R,) as quantize_row made them for the weight's group size (4-bit weights)
-  const Int16Row *x16;             // (R,) as quantize_row_int16 made them (int8 weights)
+  const QuantizedRow *xq;          // (R,) as quantize_row made them for the weight's BlockForm (4-bit, int8 blocks)
+  const Int16Row *x16;             // (R,) as quantize_row_int16 made them (int8 with a scale a row)
 };
 
 // One weight, as its row kernel reads it.
 struct LinearWeight {
   at::ScalarType dtype;                         // kFloat, kBFloat16, kChar (int8) or kByte (4-bit)
   const void *data;                             // (out, in), or (out, in / 2) packed
-  const float *row_scale = nullptr;             // (out,) or none; int8 weights carry one
+  const float *row_scale = nullptr;             // (out,) or none; int8 weights carry it or block_scales
   const c10::Half *scales_and_mins = nullptr;   // 4-bit: (out, in / group_size, 2)
   int64_t group_size = 0;                       // 4-bit only
   int64_t n_out = 0, n_in = 0;
+  const c10::Half *block_scales = nullptr;      // int8 blocks (llama.cpp's Q8_0): (out, in / 32)
+
+  // How the weight reads x in int8 blocks (quantize_row), if it does.
+  BlockForm block_form() const {
+    if (dtype == at::kByte) return {group_size, group_size == 32};
+    if (dtype == at::kChar && block_scales) return {32, false};
+    return {};
+  }
+
+  // Does the weight read x in int16 (quantize_row_int16)?
+  bool reads_int16() const { return dtype == at::kChar && !block_scales; }
 
   // out[r * out_stride + o] = row o of W times x row r (times its row scale) for o in [lo, hi), every r. Each
   // weight row is read from memory once and multiplied by every x row while it is in L1. Speed: one switch for
@@ -65,6 +76,14 @@ struct LinearWeight {
           });
         break;
       case at::kChar:
+        if (block_scales) {
+          for (int64_t o = lo; o < hi; o++)
+            in_pairs(x.n, [&]<int R>(int64_t r) {
+              dot_rows_q8<R>(x.xq + r, static_cast<const int8_t *>(data) + o * n_in, block_scales + o * (n_in / 32),
+                             n_in, out + r * out_stride + o, out_stride);
+            });
+          break;
+        }
         for (int64_t o = lo; o < hi; o++)
           in_pairs(x.n, [&]<int R>(int64_t r) {
             dot_rows_int8<R>(x.x16 + r, static_cast<const int8_t *>(data) + o * n_in, n_in, out + r * out_stride + o,
@@ -95,30 +114,32 @@ struct Product {
 
 // out_i = x W_i^T for R rows of x (row r at x + r * x_stride, n_in values) and weights that share them: every row
 // of every product is split over torch's threads in ONE parallel region, and each x row is quantized once per
-// 4-bit group size among them (and once to int16 if any weight is int8). A row's outputs are bit-identical
-// whatever R (gemv_rows.h), and do not depend on the thread count (a thread computes whole outputs).
+// BlockForm among them (4-bit group sizes, int8 blocks), and once to int16 if any weight is int8 with row scales.
+// A row's outputs are bit-identical whatever R (gemv_rows.h), and do not depend on the thread count (a thread
+// computes whole outputs).
 template <size_t N>
 void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array<Product, N> &products) {
   const int64_t n_in = products[0].weight->n_in;
-  std::vector<std::pair<int64_t, std::vector<QuantizedRow>>> quantized;  // (group size, x's rows quantized for it)
+  std::vector<std::pair<BlockForm, std::vector<QuantizedRow>>> quantized;  // (form, x's rows quantized for it)
   quantized.reserve(N);  // no reallocation: xq points into it
   std::array<const QuantizedRow *, N> xq{};
   for (size_t i = 0; i < N; i++) {
-    const int64_t g = products[i].weight->group_size;
-    if (g == 0) continue;
-    auto it = std::find_if(quantized.begin(), quantized.end(), [g](const auto &entry) { return entry.first == g; });
+    const BlockForm form = products[i].weight->block_form();
+    if (form.group_size == 0) continue;
+    auto it = std::find_if(quantized.begin(), quantized.end(),
+                           [form](const auto &entry) { return entry.first == form; });
     if (it == quantized.end()) {
       std::vector<QuantizedRow> rows;
       rows.reserve(n_rows);
-      for (int64_t r = 0; r < n_rows; r++) rows.push_back(quantize_row(x + r * x_stride, n_in, g));
-      it = quantized.emplace(quantized.end(), g, std::move(rows));
+      for (int64_t r = 0; r < n_rows; r++) rows.push_back(quantize_row(x + r * x_stride, n_in, form));
+      it = quantized.emplace(quantized.end(), form, std::move(rows));
     }
     xq[i] = it->second.data();
   }
-  const bool any_int8 = std::any_of(products.begin(), products.end(),
-                                    [](const Product &p) { return p.weight->dtype == at::kChar; });
+  const bool any_int16 = std::any_of(products.begin(), products.end(),
+                                     [](const Product &p) { return p.weight->reads_int16(); });
   std::vector<Int16Row> x16;
-  if (any_int8)
+  if (any_int16)
     for (int64_t r = 0; r < n_rows; r++) x16.push_back(quantize_row_int16(x + r * x_stride, n_in));
   int64_t total = 0;
   for (const Product &p : products) total += p.weight->n_out;
