@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from torchchat.catalog import ModelSource
 from torchchat.checkpoints import gguf as gguf_format
@@ -83,7 +84,7 @@ def load_model(source: ModelSource, args: ModelArgs, *, dtype: torch.dtype = tor
     device = torch.device(device)
     if keep_quantized and device.type != "cpu":
         raise CheckpointError(f"quantized layers run on CPU only, not {device}: dequantize the weights (--dtype)")
-    with torch.device("meta"):  # no memory for weights that are about to be replaced
+    with torch.device("meta"), _NoInitializers():  # no memory for weights that are about to be replaced
         model = Transformer(args)
     tied = args.tie_embeddings
     state = load_state_dict(source, args, keep=lambda name: not (tied and name == "output.weight"),
@@ -94,7 +95,7 @@ def load_model(source: ModelSource, args: ModelArgs, *, dtype: torch.dtype = tor
         del state[name]
         _install_quantized(model, name.removesuffix(".weight"), weight, state)
     if tied and "tok_embeddings.weight" in quantized:  # the output layer reads the embedding's very buffers
-        _install_module(model, "output", model.tok_embeddings.as_linear(), state)
+        _install_module(model, "output", _tied_output(model.tok_embeddings), state)
     elif tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -102,6 +103,22 @@ def load_model(source: ModelSource, args: ModelArgs, *, dtype: torch.dtype = tor
     if tied and "tok_embeddings.weight" not in quantized:  # one Parameter, not two sharing storage: .to() and
         model.output.weight = model.tok_embeddings.weight  # parallel plans then keep them one
     return model.to(device).requires_grad_(False).eval()
+
+
+class _NoInitializers(TorchFunctionMode):
+    """Modules built on the meta device skip their initializers (nn.init's): the checkpoint's values replace them.
+    Why: meta's normal_ runs through torch._refs, which imports Dynamo and sympy, ~75 MB of a SmolLM2 run's memory,
+    into every run, compiled or not."""
+
+    SKIPPED = frozenset({torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_,
+                         torch.nn.init.trunc_normal_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+        if func in self.SKIPPED and isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+            return tensor
+        return func(*args, **kwargs)
 
 
 def _install_quantized(model: Transformer, path: str, weight: QuantizedTensor, state: dict) -> None:
@@ -115,6 +132,13 @@ def _install_quantized(model: Transformer, path: str, weight: QuantizedTensor, s
     else:
         module = quantize.Int8Linear(*weight.tensors)
     _install_module(model, path, module, state)
+
+
+def _tied_output(embedding: torch.nn.Module) -> torch.nn.Module:
+    from torchchat import quantize
+
+    linear = quantize.Int4Linear if isinstance(embedding, quantize.Int4Embedding) else quantize.Int8Linear
+    return linear.tied_to(embedding)
 
 
 def _install_module(model: Transformer, path: str, module: torch.nn.Module, state: dict) -> None:

@@ -230,6 +230,11 @@ class Int4Linear(nn.Module):
         scales_and_mins = torch.stack([scale, low], dim=-1).to(torch.float16)  # (out, n_groups, 2)
         return cls(packed.contiguous(), scales_and_mins.contiguous(), group_size)
 
+    @classmethod
+    def tied_to(cls, embedding: "Int4Embedding") -> "Int4Linear":
+        """The output layer tied to ``embedding`` (logits = h @ table.T): the very same buffers, no copy."""
+        return cls(embedding.packed, embedding.scales_and_mins, embedding.group_size)
+
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows [start, end) of W in float32: (end - start, in). One pass in C++ where the ops are built."""
         if self.packed.device.type == "cpu" and cpu_kernels.available():
@@ -291,24 +296,24 @@ class Int4PackedLinear(nn.Module):
 
 
 class Int4Embedding(nn.Module):
-    """An embedding table in Int4Linear's layout (a GGUF's Q4_0/Q4_1/Q4_K token_embd, groups of 32): the rows of the
-    tokens looked up are dequantized to float32, the table stays 4-bit. ``as_linear()`` is the tied output layer
-    over the very same buffers."""
-
-    quantized_kind = "int4"
+    """An embedding table in Int4Linear's layout, groups of 32 (a GGUF's Q4_0/Q4_1/Q4_K token_embd.weight): row t is
+    token t's embedding; ``forward(tokens)`` dequantizes the tokens' rows to float32: (..., dim), the table stays
+    4-bit. A tied output layer is ``Int4Linear.tied_to(embedding)``, over the same buffers."""
 
     def __init__(self, packed: torch.Tensor, scales_and_mins: torch.Tensor, group_size: int = 32):
         super().__init__()
-        self.table = Int4Linear(packed, scales_and_mins, group_size)  # row t of W is token t's embedding
+        self.num_embeddings, self.embedding_dim = packed.size(0), 2 * packed.size(1)
+        self.group_size = group_size
+        self.register_buffer("packed", packed)  # (vocab, dim / 2) uint8
+        self.register_buffer("scales_and_mins", scales_and_mins)  # (vocab, dim / group_size, 2) float16
 
-    def as_linear(self) -> Int4Linear:
-        return Int4Linear(self.table.packed, self.table.scales_and_mins, self.table.group_size)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)  # (N,)
+        rows = Int4Linear(self.packed[flat], self.scales_and_mins[flat], self.group_size)  # the N rows, as a table
+        return rows.dequantize().view(*tokens.shape, self.embedding_dim)  # (..., dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.table
-        flat = ids.reshape(-1)  # (N,)
-        one = Int4Linear(table.packed[flat], table.scales_and_mins[flat], table.group_size)  # the N rows, as a table
-        return one.dequantize().view(*ids.shape, table.in_features)  # (..., dim)
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4, group_size={self.group_size}"
 
 
 def int4_group_size(in_features: int, out_features: int, preferred: int = DEFAULT_INT4_GROUP_SIZE) -> int | None:
@@ -365,10 +370,11 @@ def _quantized(linear: nn.Linear, scheme: str, group_size: int) -> nn.Module | N
 def describe_layers(model: nn.Module, dtype: str) -> str:
     """What a model's weights run as, for the load line: "fp32", or "int4 x210, int8 x2, fp32 activations"
     (the embedding counts as a layer)."""
-    kinds = {Int8Linear: "int8", Int4Linear: "int4", Int4PackedLinear: "int4"}
+    kinds = {Int8Linear: "int8", Int4Linear: "int4", Int4PackedLinear: "int4", Int8Embedding: "int8",
+             Int4Embedding: "int4"}
     counts = {}
     for module in model.modules():
-        kind = kinds.get(type(module)) or getattr(module, "quantized_kind", None)
+        kind = kinds.get(type(module))
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
     if not counts:

@@ -23,7 +23,7 @@ from torchchat.checkpoints.common import (
     GGUF_MAGIC, CheckpointError, LazyTensor, QuantizedTensor, checked_args, corrupt_error, default_context, magic,
     require_file,
 )
-from torchchat.checkpoints.gguf_reader import GGUFFile, read_gguf
+from torchchat.checkpoints.gguf_reader import GGUFFile, read_gguf, release
 from torchchat.model import ModelArgs, RopeScaling, rope_frequencies
 
 _TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
@@ -145,7 +145,9 @@ def kept_quantized(file_type: str) -> str | None:
 
 def _read_quantized(t, layout: str) -> QuantizedTensor:
     convert = gguf_quants.to_int4 if layout == "int4" else gguf_quants.to_int8
-    return QuantizedTensor(layout, tuple(convert(t)), t.tensor_type.name)
+    tensors = tuple(convert(t))
+    release(t.data)
+    return QuantizedTensor(layout, tensors, t.tensor_type.name)
 
 
 def _torch_name(name: str) -> str:
@@ -162,13 +164,16 @@ def _torch_shape(t) -> tuple[int, ...]:
 
 
 def _dequantize(t) -> torch.Tensor:
-    """One tensor, read from the memory map into a fresh (writable) torch tensor."""
+    """One tensor, read from the memory map into a fresh (writable) torch tensor; its file pages are released."""
     shape = _torch_shape(t)
     if t.tensor_type in _FLOATS:
-        return torch.from_numpy(np.array(t.data, dtype=_FLOATS[t.tensor_type])).reshape(shape)
-    if t.tensor_type == QType.BF16:  # bytes -> int16 -> bfloat16, without a float32 round trip
-        return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
-    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+        out = torch.from_numpy(np.array(t.data, dtype=_FLOATS[t.tensor_type])).reshape(shape)
+    elif t.tensor_type == QType.BF16:  # bytes -> int16 -> bfloat16, without a float32 round trip
+        out = torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+    else:
+        out = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+    release(t.data)
+    return out
 
 
 @functools.cache

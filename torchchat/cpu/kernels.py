@@ -51,10 +51,19 @@ SLICE_BYTES = 64 * 2**20  # float32 weight that float32_linear converts at a tim
 MAX_GEMV_ROWS = 12
 
 
-@torch.compiler.assume_constant_result  # Dynamo bakes the answer in rather than tracing the build
+_loaded: bool | None = None  # available()'s answer, once asked
+
+
 def available() -> bool:
-    """Are the ``torch.ops.torchchat`` ops loaded (built, AVX2, not switched off)?"""
-    return _load()
+    """Are the ``torch.ops.torchchat`` ops loaded (built, AVX2, not switched off)?
+
+    The answer is kept in a module global: Dynamo, tracing a compiled step (always after an eager one asked), reads
+    it as a constant under a guard rather than tracing the build. Not ``torch.compiler.assume_constant_result``,
+    which imports Dynamo (and sympy: ~75 MB of a 135M model's ~300 MB run) into every run, compiled or not."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
 
 
 def takes_rows(x: torch.Tensor) -> bool:
