@@ -114,14 +114,16 @@ def _crosses(u: int, v: int, merge_of: Mapping[int, tuple[int, int]], pair_rank:
     tokens of lower id). Under condition 1 a token appears at the time of its id and lives until its
     parent is built; the right edge of u's side runs down u's right spine (u, u's right operand, ...),
     the left edge of v's side down v's left spine. A pair (a, b) of those edges crosses if it is a
-    merge whose rank falls while both live. The sweep walks the two spines from the top, visiting each
-    pair of edges that live at the same time once."""
+    merge whose rank falls while both live (on a tie, see below). The sweep walks the two spines from
+    the top, visiting each pair of edges that live at the same time once."""
     a, b = u, v
     a_end = b_end = None  # the id at which a, b are merged into their spine parent (None: never, here)
     while True:
         if (a, b) != (u, v):
             rank = pair_rank.get((a, b))
-            if rank is not None and (a_end is None or rank < a_end) and (b_end is None or rank < b_end):
+            # On a tie the leftmost pair merges first: b's own merge (b with what follows it) loses to (a, b),
+            # a's own (what precedes a, with a) wins.
+            if rank is not None and (a_end is None or rank < a_end) and (b_end is None or rank <= b_end):
                 return True
         a_born = a if a in merge_of else -1  # a single character lives from the start
         b_born = b if b in merge_of else -1
