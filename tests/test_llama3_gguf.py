@@ -37,6 +37,8 @@ ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
 # --max-new-tokens (a zero logit is never the largest of 128,256 random ones).
 STOP_IDS = [128001, 128008, 128009]
 PROMPT = "The capital of France is"
+# Past a few hundred positions RoPE scaling shows in the tokens: at 16 the scaled angles are all under 0.03.
+LONG_PROMPT = " ".join(f"Item {i} of the list is {i * i}." for i in range(120)) + " The next item is"
 CHAT = ["Hi there!", "What is 2+2? Answer briefly."]
 GREEDY = GenerationArgs(max_new_tokens=12, temperature=0)
 
@@ -95,7 +97,7 @@ def write_llama3_files(directory, tied: bool) -> tuple[ModelSource, ModelSource]
 
 @pytest.fixture(scope="module")
 def generators(llama3_files):
-    return tuple(local_generator(source) for source in llama3_files)
+    return tuple(local_generator(source, max_seq_len=2048) for source in llama3_files)
 
 
 def test_the_gguf_reads_as_the_model_pth(llama3_files):
@@ -112,6 +114,13 @@ def test_generate_gives_the_model_pths_greedy_tokens(generators):
     got = from_gguf.run_generate(PROMPT, GREEDY)[0]
     assert got.tokens == expected.tokens and len(set(got.tokens)) > GREEDY.max_new_tokens // 2, got.text
     assert got.text == expected.text
+
+
+def test_a_long_prompt_gives_the_model_pths_greedy_tokens(generators):
+    from_gguf, from_pth = generators
+    prompt = from_pth.encode_prompt(LONG_PROMPT)
+    assert from_gguf.encode_prompt(LONG_PROMPT) == prompt and len(prompt) > 1000
+    assert from_gguf.run_generate(LONG_PROMPT, GREEDY)[0].tokens == from_pth.run_generate(LONG_PROMPT, GREEDY)[0].tokens
 
 
 def test_chat_gives_the_model_pths_replies(generators):
