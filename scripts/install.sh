@@ -13,6 +13,8 @@ if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
   # Real assets for the tokenizer tests: Meta's Llama 3 tokenizer file.
   $PIP --no-deps llama-models==0.3.0
+  # llama.cpp's test vocabularies and golden tokenizations, from its source package (once; tests/llamacpp_vocab.py).
+  python -m tests.llamacpp_vocab
   if [[ -f requirements-dev-apt.txt ]] && ! command -v chromium >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     apt-get update -qq && xargs -a requirements-dev-apt.txt apt-get install -y -qq >/dev/null
   fi

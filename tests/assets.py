@@ -48,6 +48,16 @@ def write_gguf_metadata(path: Path, fields: dict) -> Path:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
+    add_fields(writer, fields)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+def add_fields(writer, fields: dict):
+    """Metadata into a gguf.GGUFWriter: str, bool, int (uint32), float and list values."""
     for key, value in fields.items():
         if isinstance(value, list):
             writer.add_array(key, value)
@@ -59,11 +69,14 @@ def write_gguf_metadata(path: Path, fields: dict) -> Path:
             writer.add_uint32(key, value)
         else:
             writer.add_float32(key, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    return path
+
+
+# Meta's chat template for Llama 3 8B Instruct (tokenizer_config.json): contents are trimmed.
+LLAMA3_HF_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
 def sentencepiece_gguf_fields(model_path: Path) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from tests.assets import add_fields
 from torchchat.catalog import ModelSource
 from torchchat.model import ModelArgs, Transformer
 
@@ -68,11 +69,12 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args: ModelArgs = TIN
                qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32, *, arch: str = "llama",
                extra: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]] | None = None,
                qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
-               ) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+               vocab: dict | None = None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
     """A llama GGUF as llama.cpp writes one: 2-D weights in ``qtype`` (or ``qtypes[name]``, by torchchat name),
     norms in F32. Returns the source and the tensors as the file holds them, dequantized.
 
     Leave 'output.weight' out of ``state`` for a tied model. ``extra``: GGUF name -> (raw data, its type).
+    ``vocab``: the tokenizer.* metadata (a real vocabulary); without it, a placeholder token list.
     """
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(args.n_layers)
@@ -84,8 +86,11 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args: ModelArgs = TIN
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_layer_norm_rms_eps(args.norm_eps)
     writer.add_rope_dimension_count(args.head_dim)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(args.vocab_size)])
+    if vocab is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(args.vocab_size)])
+    else:
+        add_fields(writer, vocab)
     held = {}
     for name, t in state.items():
         array = t.float().numpy()

@@ -9,7 +9,7 @@ import logging
 import jinja2
 import pytest
 
-from tests.assets import llama3_tokenizer_model, train_sentencepiece, write_byte_tiktoken
+from tests.assets import LLAMA3_HF_TEMPLATE, llama3_tokenizer_model, train_sentencepiece, write_byte_tiktoken
 from torchchat.catalog import ModelSource, embedded_gguf
 from torchchat.chat_format import (ChatFormatError, ChatMLFormat, JinjaChatFormat, Llama2ChatFormat,
                                    Llama3ChatFormat, RawFormat, chat_format_for, chat_template)
@@ -17,12 +17,6 @@ from torchchat.errors import ConfigError
 from torchchat.tokenizer import load_tokenizer
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-# Meta's template for Llama 3 8B Instruct (tokenizer_config.json): contents are trimmed.
-LLAMA3_HF_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 # Meta's template for Llama 2 Chat (tokenizer_config.json).
 LLAMA2_HF_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "

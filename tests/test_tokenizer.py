@@ -172,6 +172,14 @@ def test_llama3_round_trip(llama3, text):
     assert all(i < 128000 for i in ids)  # never a special token from user text
 
 
+def test_llama3_long_text_is_cut_between_words(llama3):
+    # Over 400,000 characters the text is cut for tiktoken; 400,000 % 15 = 10 falls before 'here', which a
+    # cut there would split from its space: ' here' is one token, ' ' + 'here' two.
+    piece = " It isn't here."
+    n = 400_000 // len(piece) + 2
+    assert llama3.encode(piece * n) == llama3.encode(piece) * n
+
+
 def test_llama3_long_runs_are_encoded(llama3):
     text = "x" * 60_000 + " " * 30_000 + "done"
     assert llama3.decode(llama3.encode(text)) == text

@@ -1,4 +1,5 @@
-"""Tokenizers: tiktoken (Llama 3, and GGUF byte-level BPE) and sentencepiece (Llama 2) behind one interface.
+"""Tokenizers: tiktoken (Llama 3's tokenizer.model), byte-level BPE by merge rank (a GGUF's 'gpt2'
+vocabulary: by tiktoken where that is exact, else in Python) and sentencepiece (Llama 2) behind one interface.
 
 ``load_tokenizer(source)`` finds the tokenizer of a ModelSource: an explicit ``--tokenizer-path`` file,
 the vocabulary stored in a GGUF's metadata, or ``tokenizer.model`` in a checkpoint directory. Formats are
@@ -20,9 +21,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+import regex
 import sentencepiece
 import tiktoken
 
+from torchchat.bpe import WordEncoder, byte_to_unicode, tiktoken_is_exact
 from torchchat.catalog import ModelSource
 from torchchat.errors import TokenizerError
 
@@ -50,9 +53,15 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 SMOLLM_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 GGUF_PRE_PATTERNS = {"smollm": SMOLLM_PATTERN, "starcoder": SMOLLM_PATTERN, "llama-bpe": LLAMA3_PATTERN,
                      "llama3": LLAMA3_PATTERN, "gpt-2": GPT2_PATTERN}
+# The pre-tokenizers llama.cpp runs with ignore_merges (a word that is a token is that token) and adds BOS
+# for unless the file says otherwise (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_LLAMA3).
+LLAMA3_PRES = frozenset({"llama-bpe", "llama3"})
+
+# Words the merge-rank BPE remembers: more than the distinct words of a 1 MB English text (about 40,000).
+_WORD_CACHE_SIZE = 1 << 17
 
 # tiktoken's regex engine can overflow on very long runs without (or of) whitespace (tiktoken issue
-# 195); Meta's reference cuts the text the same way before encoding.
+# 195); Meta's reference cuts the text before encoding too (see _chunks).
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _REPLACEMENT = "\ufffd".encode()
@@ -167,8 +176,45 @@ class TiktokenTokenizer(Tokenizer):
         return self._with_bos(ids, bos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        table, n = self._table, len(self._table)
-        return b"".join(table[i] if 0 <= i < n else _REPLACEMENT for i in ids).decode("utf-8", errors="replace")
+        return _decode_bytes(self._table, ids)
+
+
+class MergeRankTokenizer(Tokenizer):
+    """A GGUF's byte-level BPE run by merge rank in Python (torchchat/bpe.py), exactly as llama.cpp runs it:
+    for vocabularies where tiktoken is not provably the same (Llama 3's, whose merges repeat results).
+
+    The text is split into words by the pre-tokenizer's regex, each word merged once and remembered.
+    """
+
+    def __init__(self, words: WordEncoder, pattern: str, table: list[bytes], specials: Mapping[str, int], *,
+                 bos_id: int | None, eos_id: int, add_bos: bool, extra_stop_ids: Sequence[int] = ()):
+        """``table``: id -> bytes of every token, for decode."""
+        super().__init__(vocab_size=len(table), specials=specials, bos_id=bos_id, eos_id=eos_id,
+                         add_bos=add_bos, extra_stop_ids=extra_stop_ids)
+        self._words = words
+        self._split = regex.compile(pattern).findall
+        self._table = table
+        self._cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids, cache = [], self._cache
+        for word in self._split(text):
+            word_ids = cache.get(word)
+            if word_ids is None:
+                word_ids = self._words(word)
+                if len(cache) >= _WORD_CACHE_SIZE:
+                    cache.clear()
+                cache[word] = word_ids
+            ids += word_ids
+        return self._with_bos(ids, bos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return _decode_bytes(self._table, ids)
+
+
+def _decode_bytes(table: list[bytes], ids: Sequence[int]) -> str:
+    n = len(table)
+    return b"".join(table[i] if 0 <= i < n else _REPLACEMENT for i in ids).decode("utf-8", errors="replace")
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -251,18 +297,41 @@ def _load_tiktoken(path: Path, fix: str) -> TiktokenTokenizer:
 
 
 def _chunks(text: str):
-    """``text`` cut where tiktoken could overflow; short texts (all real prompts) are not cut."""
-    for start in range(0, len(text), _MAX_ENCODE_CHARS):
-        chunk = text[start:start + _MAX_ENCODE_CHARS]
-        if len(chunk) <= _MAX_RUN_CHARS:
-            yield chunk
-            continue
-        cut = 0  # a cut inside each run of whitespace or of non-whitespace longer than the limit
-        for run in re.finditer(r"\s+|\S+", chunk):
-            for pos in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
-                yield chunk[cut:pos]
-                cut = pos
-        yield chunk[cut:]
+    """``text`` cut where tiktoken could overflow; short texts (all real prompts) are not cut.
+
+    A text longer than _MAX_ENCODE_CHARS is cut before a space between two letters, where every
+    pre-tokenizer regex here ends a word (a letter run stops at the space, and ' ?\\p{L}+' or
+    '[^\\r\\n\\p{L}\\p{N}]?\\p{L}+' starts the next at it; no pattern looks behind), so the cut changes no
+    token. Meta's reference cuts at fixed offsets, which splits a word (a 1 MB text came out 3 tokens
+    longer). Only a run longer than _MAX_RUN_CHARS is still cut where it must be."""
+    start = 0
+    while len(text) - start > _MAX_ENCODE_CHARS:
+        cut = _word_border(text, start, start + _MAX_ENCODE_CHARS)
+        yield from _cut_runs(text[start:cut])
+        start = cut
+    yield from _cut_runs(text[start:])
+
+
+def _word_border(text: str, start: int, end: int) -> int:
+    """The last position in (start, end) of a space between two letters, else ``end``."""
+    pos = text.rfind(" ", start + 1, end)
+    while pos > start:
+        if text[pos - 1].isalpha() and text[pos + 1].isalpha():  # str.isalpha is \p{L}
+            return pos
+        pos = text.rfind(" ", start + 1, pos)
+    return end
+
+
+def _cut_runs(chunk: str):
+    if len(chunk) <= _MAX_RUN_CHARS:
+        yield chunk
+        return
+    cut = 0  # a cut inside each run of whitespace or of non-whitespace longer than the limit
+    for run in re.finditer(r"\s+|\S+", chunk):
+        for pos in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+            yield chunk[cut:pos]
+            cut = pos
+    yield chunk[cut:]
 
 
 # ----- sentencepiece files (Llama 2) -----
@@ -311,12 +380,10 @@ def _gguf_ids(path: Path, meta, n: int) -> dict:
             "extra_stop_ids": [i for i in extra if i is not None and 0 <= i < n]}
 
 
-def _gguf_bpe(path: Path, meta) -> TiktokenTokenizer:
-    """A GPT-2 style byte-level BPE converted exactly to tiktoken: a token's rank is its id.
-
-    tiktoken merges the adjacent pair whose joined bytes have the lowest rank; the BPE merges the pair
-    listed first in tokenizer.ggml.merges. The two agree when ids rise with merge order, which is checked.
-    """
+def _gguf_bpe(path: Path, meta) -> Tokenizer:
+    """A GPT-2 style byte-level BPE, run exactly as llama.cpp runs it: by tiktoken (a token's rank is its
+    id) where torchchat.bpe.tiktoken_is_exact proves that the same (SmolLM2, GPT-2, StarCoder), else by
+    merge rank in Python (Llama 3, whose merges repeat results: 'Ġ ĠĠĠ' and 'ĠĠ ĠĠ' both give 'ĠĠĠĠ')."""
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     merges = meta("tokenizer.ggml.merges", [])
     pre = meta("tokenizer.ggml.pre", "gpt-2")
@@ -325,43 +392,29 @@ def _gguf_bpe(path: Path, meta) -> TiktokenTokenizer:
     if pre not in GGUF_PRE_PATTERNS:
         raise TokenizerError(f"{path} uses the pre-tokenizer '{pre}', which torchchat does not know "
                              f"(known: {', '.join(GGUF_PRE_PATTERNS)}): give --tokenizer-path")
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-    ranks, specials, unencodable = {}, {}, {}
+    byte_of = {c: b for b, c in byte_to_unicode().items()}
+    index, specials, table = {}, {}, []  # index: byte-level text -> id of the tokens BPE may produce
     for i, (text, kind) in enumerate(zip(tokens, types)):
         if kind in (_CONTROL, _USER_DEFINED):
             specials[text] = i
+            table.append(text.encode())
             continue
         try:
-            piece = bytes(byte_of[c] for c in text)
+            table.append(bytes(byte_of[c] for c in text))
         except KeyError:  # not byte-level text: decodable, never produced
-            unencodable[i] = text.encode()
+            table.append(text.encode())
             continue
-        if piece in ranks:
-            unencodable[i] = piece
-        else:
-            ranks[piece] = i
-    _check_merge_order(path, tokens, merges)
-    return TiktokenTokenizer(path.name, ranks, specials, GGUF_PRE_PATTERNS[pre], vocab_size=len(tokens),
-                             add_bos=bool(meta("tokenizer.ggml.add_bos_token", False)),
-                             unencodable=unencodable, **_gguf_ids(path, meta, len(tokens)))
-
-
-def _check_merge_order(path: Path, tokens: list[str], merges: list[str]):
-    index = {t: i for i, t in enumerate(tokens)}
-    last = -1
-    for k, merge in enumerate(merges):
-        i = index.get(merge.replace(" ", "", 1))
-        if i is None or i <= last:
-            raise TokenizerError(f"{path}: merge {k} ('{merge}') does not yield a token with a higher id than "
-                                 f"the merges before it, so it cannot be run exactly: give --tokenizer-path")
-        last = i
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, with which byte-level BPE vocabularies are written."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+        index.setdefault(text, i)  # a duplicate decodes, the first is produced
+    pattern = GGUF_PRE_PATTERNS[pre]
+    ids = _gguf_ids(path, meta, len(tokens))
+    add_bos = bool(meta("tokenizer.ggml.add_bos_token", pre in LLAMA3_PRES))
+    if tiktoken_is_exact(index, merges) is None:
+        ranks = {table[i]: i for i in index.values()}
+        unencodable = {i: piece for i, piece in enumerate(table) if ranks.get(piece) != i}
+        return TiktokenTokenizer(path.name, ranks, specials, pattern, vocab_size=len(tokens), add_bos=add_bos,
+                                 unencodable=unencodable, **ids)
+    words = WordEncoder(index, merges, ignore_merges=pre in LLAMA3_PRES)
+    return MergeRankTokenizer(words, pattern, table, specials, add_bos=add_bos, **ids)
 
 
 def _gguf_sentencepiece(path: Path, meta) -> SentencePieceTokenizer:
