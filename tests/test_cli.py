@@ -171,6 +171,7 @@ def test_list_shows_known_models_and_the_default_available(smollm2_gguf):
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
     assert {"smollm2-135m", "llama3.1-8b", "llama2-7b", "llama3.2-1b", "stories15m"} <= set(rows)
     assert str(smollm2_gguf) in rows["smollm2-135m"]
+    assert "int4 (Q4_1 x210), int8 (Q8_0 x1)" in rows["smollm2-135m"]  # what it runs as, from the file's header
     assert "not available" in rows["llama3.1-405b"]
 
 
