@@ -9,9 +9,10 @@ stream from memory:
 - int8: one float32 scale per output row (symmetric). 1 byte per weight. An input of a few rows (a decode
   step's sequences, up to ``kernels.MAX_GEMV_ROWS``) goes to ``torch.ops.torchchat.gemv`` (see torchchat.cpu), in
   float32; without it, to ``aten._weight_int8pack_mm``. ``Int8Linear`` also takes llama.cpp's Q8_0 layout, a
-  float16 scale a block of 32 inputs (a GGUF's Q8_0 tensors, run as they are: the op rounds the activations to
-  int8 in blocks of 32, as llama.cpp does), and ``Int8Embedding`` holds an embedding table in it, with the output
-  layer tied to it over the same buffers (``Int8Linear.tied_to``).
+  float16 scale a block of 32 inputs (a GGUF's Q8_0 tensors, run as they are: the op rounds each row of the
+  activations to int16 with one scale, as for a scale a row, where llama.cpp rounds them to int8 in blocks of 32,
+  too coarse for an output layer's near-ties: see torchchat/csrc/gemv_rows.h), and ``Int8Embedding`` holds an
+  embedding table in it, with the output layer tied to it over the same buffers (``Int8Linear.tied_to``).
 - int4: groups of ``group_size`` weights along the input dimension share a scale and a min
   (asymmetric, min-max; llama.cpp's Q4_1 with groups of 32), float16 scales and mins: 0.625 bytes a
   weight. ``Int4Linear`` sends an input of a few rows to ``torch.ops.torchchat.gemv_int4``, which rounds the
@@ -88,8 +89,9 @@ class Int8Linear(nn.Module):
       (llama.cpp's Q8_0 block (d, qs[32]) de-interleaved, as a GGUF's Q8_0 tensors load).
 
     An input of at most ``kernels.MAX_GEMV_ROWS`` rows (a decode step's sequences) goes to ``torch.ops.torchchat.gemv``
-    (both forms); a long one (a prompt) to float32 GEMMs on slices of W. Without the op, the row form uses aten's
-    int8 kernel, the block form float32 GEMMs.
+    (both forms: each row of x rounded to int16 with one scale, max|x| / 32767, for exact integer dot products); a
+    long one (a prompt) to float32 GEMMs on slices of W. Without the op, the row form uses aten's int8 kernel, the
+    block form float32 GEMMs.
     """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):

@@ -1,9 +1,9 @@
 """CPU decode kernels, C++ ops in ``torchchat/csrc/`` built into one library: ``torch.ops.torchchat.gemv`` (a few
 rows times a float32, bfloat16 or int8 weight; int8 with a scale a row or a float16 scale a block of 32, llama.cpp's
-Q8_0), ``gemv_int4`` and ``dequantize_int4`` (quantize.Int4Linear's 4-bit layout), ``decode_attention`` (one query
-position of each sequence over the filled part of its KV cache row), and ``decode_layers`` (all of a model's
-transformer blocks for one position of each sequence of a batch, with the same row kernels: see
-``torchchat.cpu.install``).
+Q8_0, either with the rows of x in int16), ``gemv_int4`` and ``dequantize_int4`` (quantize.Int4Linear's 4-bit
+layout), ``decode_attention`` (one query position of each sequence over the filled part of its KV cache row), and
+``decode_layers`` (all of a model's transformer blocks for one position of each sequence of a batch, with the same
+row kernels: see ``torchchat.cpu.install``).
 
 A decode step multiplies one row of activations per sequence by every weight matrix, so it is bound by how fast
 the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that: MKL's float32

@@ -16,8 +16,8 @@
 // x: (..., in), R = numel / in rows, float32/bfloat16/float16; weight: (out, in) contiguous, float32,
 // bfloat16 or int8; scale: (out,) or None, y[o] *= scale[o]; or, for an int8 weight, (out, in / 32) float16, a
 // scale a block of 32 (W[o, i] = weight[o, i] * scale[o, i / 32]: llama.cpp's Q8_0, quantize.Int8Linear's block
-// form). Returns (..., out) in x's dtype; sums in float32 (int8 with row scales: each row of x in int16 with its
-// own scale; int8 blocks: in int8 blocks of 32, see gemv_rows.h).
+// form). Returns (..., out) in x's dtype; sums in float32 (int8, either form: each row of x in int16 with its own
+// scale, see gemv_rows.h).
 // Built by torchchat/cpu/kernels.py with -mavx2 -mfma -mf16c. gemv_int4, for 4-bit weights, is below; the
 // row kernels are in gemv_rows.h, the row loop (multiply, shared with decode_layers.cpp) in linear_rows.h.
 

@@ -1,7 +1,7 @@
 // One weight row times R rows of x (R = 1 or 2: the register budget), for each weight format: dot_rows (float32,
-// bfloat16), dot_rows_int8 (int8 with a scale a row, the activations from quantize_row_int16), and, with the
-// activations in int8 blocks of 32 from quantize_row: dot_rows_q4 (4-bit weights, quantize.Int4Linear's layout)
-// and dot_rows_q8 (int8 weights with a float16 scale a block of 32, llama.cpp's Q8_0).
+// bfloat16); with the activations in int16 with a scale a row from quantize_row_int16: dot_rows_int8 (int8 with a
+// scale a row) and dot_rows_q8 (int8 with a float16 scale a block of 32, llama.cpp's Q8_0); with the activations in
+// int8 blocks of 32 from quantize_row: dot_rows_q4 (4-bit weights, quantize.Int4Linear's layout).
 // Shared by the ops of gemv.cpp (one matrix a call) and decode_layers.cpp (a model's blocks a call).
 // Each computes one output value per x row; callers split the weight rows over threads (linear_rows.h).
 //
@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace torchchat_cpu {
@@ -176,7 +175,7 @@ constexpr int64_t kPrefetchBytes = 2048;  // how far ahead dot_rows_group32 fetc
 // How a weight reads x in int8 blocks of 32: the blocks' order, and the groups whose sums of x it needs (a 4-bit
 // weight's min terms). multiply quantizes x once for every weight of the same form.
 struct BlockForm {
-  int64_t group_size = 0;  // 0: the weight does not read x in blocks (float, int8 with a scale a row)
+  int64_t group_size = 0;  // 0: the weight does not read x in int8 blocks (float, int8)
   bool paired = false;     // blocks 2p and 2p + 1 interleaved by halves (dot_chunk), or in order
   bool operator==(const BlockForm &) const = default;
 };
@@ -342,78 +341,84 @@ inline void dot_rows_q4(const QuantizedRow *x, const uint8_t *q, const c10::Half
 // ----- int8 blocks (quantize.Int8Linear's block form, llama.cpp's Q8_0) -----
 //
 // W[o, i] = w[o, i] * d[o, i / 32]: w (out, in) int8, d (out, in / 32) float16 (a Q8_0 block's d and qs[32]).
-// As llama.cpp's ggml_vec_dot_q8_0_q8_0 does on AVX2, x is quantized once per call to int8 in blocks of 32, in
-// order (quantize_row: x ~ xq * d_x, d_x = max|x| / 127 a block), and a block's w . xq is an integer dot product:
-// maddubs multiplies unsigned by signed bytes, so it takes |w| and xq with w's sign (the sign trick: the products
-// are w * xq; |w| <= 128, |xq| <= 127, so a pair's sum fits int16), and madd sums pairs of those into 8 int32.
-// y[o] = sum over blocks b of d[o, b] * d_x[b] * (w . xq)_b: exact integer sums, one float multiply-add a block.
-// Beyond llama.cpp, which converts each block's 8 partial sums to float and scales them by its own broadcast
-// scale (two float16 conversions, a multiply and a broadcast a block): as dot_chunk does for 4-bit weights, eight
-// blocks' sums are reduced together (six hadds and a lane swap) into one vector of 8 block sums, converted once
-// and scaled by one vector of 8 scales (one float16 conversion for 8 blocks).
+// x is rounded once per call as for int8 rows (quantize_row_int16: x ~ xq * d_x, one d_x = max|x| / 32767 a row),
+// and a block's w . xq is an exact integer dot product: 16 weights widened to int16 and multiply-added with xq by
+// madd into 8 int32 (|w| <= 128, |xq| <= 32767: a block's sum is below 2^27).
+// y[o] = d_x * sum over blocks b of d[o, b] * (w . xq)_b: each block's sum converted to float32 once (an error
+// below 2^-24 of it), one float multiply-add a block.
+// Why int16 a row, not llama.cpp's int8 blocks of 32 (ggml_vec_dot_q8_0_q8_0, d_x = max|x| / 127 a block): a
+// model's last hidden state has outlier channels, and int8 steps of 1/127 of a block's largest are too coarse for
+// the output layer's near-ties: on SmolLM2's "What is the capital of France?" the float logits of 'The' and 'L'
+// are 25.325 and 25.243, and int8 blocks flip them (llama.cpp does the same on that file); int16 steps, 1/32767 of
+// the row's largest, keep the float order (SmolLM2's greedy agreement with fp32, 8 prompts x 64 tokens: 70.5%,
+// 59.8% with int8 blocks).
+// Speed: a block's 8 int32 partial sums are converted to float32 and multiply-added with the block's scale (a
+// broadcast from memory, the chunk's 8 scales converted from float16 at once), into 4 accumulators a row in turn
+// (a chain of multiply-adds would wait on each other). Reducing 8 blocks' sums to one vector first (six hadds, as
+// dot_chunk does for 4-bit weights) measured 7% (1 row) to 20% (2 rows) slower here: with the weights widened by
+// shuffles too, the shuffle port was the bottleneck. Against int8 blocks of x (2-core machine, medians of 3 runs):
+// 1 row 1.06-1.14x the time, 2 rows 0.96-1.06x, on 49152 x 576 and 1536 x 576, 1 and 2 threads; one float
+// multiply-add more per 32 weights than int8 rows (which add int32 over 256): 1.07-1.18x their time. SmolLM2's
+// decode (its output layer in this form) did not change measurably (163-171 tok/s before, 165-177 after).
 
-// Blocks [b0, b0 + n) of an int8 row (n <= 8; fewer: the row's last chunk, no read past the row) times R rows of x
-// (consecutive QuantizedRows, in order). Adds each x row's chunk terms into its acc. The weight's magnitudes are
-// taken, and its scales converted, once for the R rows.
-template <bool PARTIAL, int R>
-inline void dot_chunk_q8(const QuantizedRow *x, const int8_t *w, const c10::Half *d, int64_t b0, int64_t n,
-                         __m256 *acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i quads[R][2];  // quad h: blocks b0 + 4h .. b0 + 4h + 3, lanes as hadd leaves them (see below)
-  for (int h = 0; h < 2; h++) {
-    __m256i sums[R][4];  // each block's 8 partial sums, int32
-    for (int k = 0; k < 4; k++) {
-      const int64_t b = b0 + 4 * h + k;
-      if (PARTIAL && 4 * h + k >= n) {
-        for (int r = 0; r < R; r++) sums[r][k] = _mm256_setzero_si256();
-        continue;
-      }
-      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + 32 * b));
-      const __m256i magnitude = _mm256_abs_epi8(wb);  // -128 -> 0x80, read as 128 by maddubs
-      for (int r = 0; r < R; r++) {
-        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[r].q.data() + 32 * b));
-        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xb, wb));  // |.| <= 32512
-        sums[r][k] = _mm256_madd_epi16(pairs, ones);
-      }
-    }
-    // [s0 lo, s1 lo, s2 lo, s3 lo | s0 hi, s1 hi, s2 hi, s3 hi]: each block's sums over its low and high 128 bits
-    for (int r = 0; r < R; r++)
-      quads[r][h] = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[r][0], sums[r][1]),
-                                      _mm256_hadd_epi32(sums[r][2], sums[r][3]));
-  }
-  __m128i raw_scales;
-  if (PARTIAL) {
-    uint16_t bits[8] = {};  // the missing blocks' scales 0
-    std::memcpy(bits, d + b0, 2 * n);
-    raw_scales = _mm_loadu_si128(reinterpret_cast<const __m128i *>(bits));
-  } else {
-    raw_scales = _mm_loadu_si128(reinterpret_cast<const __m128i *>(d + b0));
-  }
-  const __m256 scales = _mm256_cvtph_ps(raw_scales);
+// Block b of an int8 row times R rows of x (consecutive Int16Rows): acc[r][J] += scale * (w . xq_r)_b as 8 partial
+// sums. The weight is widened once for the R rows.
+template <int R, int J>
+inline void dot_block_q8(const Int16Row *x, const int8_t *w, int64_t b, const float *scale, __m256 (*acc)[4]) {
+  const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 32 * b)));
+  const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + 32 * b + 16)));
+  const __m256 d = _mm256_broadcast_ss(scale);
   for (int r = 0; r < R; r++) {
-    const __m256i low = _mm256_permute2x128_si256(quads[r][0], quads[r][1], 0x20);   // blocks' low-half sums
-    const __m256i high = _mm256_permute2x128_si256(quads[r][0], quads[r][1], 0x31);  // and high-half sums
-    const __m256 dots = _mm256_cvtepi32_ps(_mm256_add_epi32(low, high));  // blocks b0 .. b0 + 7, exact (< 2^24)
-    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(scales, _mm256_loadu_ps(x[r].block_scale.data() + b0)), dots, acc[r]);
+    const auto *xq = reinterpret_cast<const __m256i *>(x[r].q.data() + 32 * b);
+    const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xq)),
+                                          _mm256_madd_epi16(w1, _mm256_loadu_si256(xq + 1)));  // 8 partial sums
+    acc[r][J] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc[r][J]);
   }
 }
 
-// One int8-block row times R rows of x, chunk by chunk: out[r * out_stride] = x_r . row. n_in: a multiple of 32.
+// Blocks [b0, b0 + n) of an int8 row (n <= 8) times R rows of x: block b0 + k into acc[r][k % 4] (indices known at
+// compile time, so that the accumulators stay in registers). The chunk's scales are converted once for the R rows.
 template <int R>
-inline void dot_rows_q8(const QuantizedRow *x, const int8_t *w, const c10::Half *d, int64_t n_in, float *out,
+inline void dot_chunk_q8(const Int16Row *x, const int8_t *w, const c10::Half *d, int64_t b0, int64_t n,
+                         __m256 (*acc)[4]) {
+  alignas(32) float scales[kChunkBlocks];
+  if (n == kChunkBlocks) {
+    _mm256_store_ps(scales, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(d + b0))));
+  } else {
+    for (int64_t k = 0; k < n; k++) scales[k] = _cvtsh_ss(d[b0 + k].x);
+  }
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    dot_block_q8<R, 0>(x, w, b0 + k, scales + k, acc);
+    dot_block_q8<R, 1>(x, w, b0 + k + 1, scales + k + 1, acc);
+    dot_block_q8<R, 2>(x, w, b0 + k + 2, scales + k + 2, acc);
+    dot_block_q8<R, 3>(x, w, b0 + k + 3, scales + k + 3, acc);
+  }
+  if (k < n) dot_block_q8<R, 0>(x, w, b0 + k, scales + k, acc);
+  if (k + 1 < n) dot_block_q8<R, 1>(x, w, b0 + k + 1, scales + k + 1, acc);
+  if (k + 2 < n) dot_block_q8<R, 2>(x, w, b0 + k + 2, scales + k + 2, acc);
+}
+
+// One int8-block row times R rows of x (from quantize_row_int16), chunk by chunk: out[r * out_stride] = x_r . row.
+// n_in: a multiple of 32.
+template <int R>
+inline void dot_rows_q8(const Int16Row *x, const int8_t *w, const c10::Half *d, int64_t n_in, float *out,
                         int64_t out_stride) {
   const int64_t n_blocks = n_in / 32, whole = n_blocks / kChunkBlocks * kChunkBlocks;
-  __m256 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][4];
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < whole; b += kChunkBlocks) {
     // fetch ahead, as dot_rows_group32 does: a chunk is 4 cache lines of weights and 16 bytes of scales
     const char *ahead = reinterpret_cast<const char *>(w + 32 * b) + kPrefetchBytes;
     for (int line = 0; line < 4; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char *>(d + b) + kPrefetchBytes / 16, _MM_HINT_T0);
-    dot_chunk_q8<false, R>(x, w, d, b, kChunkBlocks, acc);
+    dot_chunk_q8<R>(x, w, d, b, kChunkBlocks, acc);
   }
-  if (whole < n_blocks) dot_chunk_q8<true, R>(x, w, d, whole, n_blocks - whole, acc);
-  for (int r = 0; r < R; r++) out[r * out_stride] = hsum(acc[r]);
+  if (whole < n_blocks) dot_chunk_q8<R>(x, w, d, whole, n_blocks - whole, acc);
+  for (int r = 0; r < R; r++)
+    out[r * out_stride] = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]))) *
+                          x[r].scale;
 }
 
 }  // namespace torchchat_cpu

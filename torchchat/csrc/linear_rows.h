@@ -32,8 +32,8 @@ struct XRows {
   int64_t n;                       // R
   const float *x;                  // row r at x + r * stride, float32
   int64_t stride;
-  const QuantizedRow *xq;          // (R,) as quantize_row made them for the weight's BlockForm (4-bit, int8 blocks)
-  const Int16Row *x16;             // (R,) as quantize_row_int16 made them (int8 with a scale a row)
+  const QuantizedRow *xq;          // (R,) as quantize_row made them for the weight's BlockForm (4-bit)
+  const Int16Row *x16;             // (R,) as quantize_row_int16 made them (int8, either form)
 };
 
 // One weight, as its row kernel reads it.
@@ -46,15 +46,15 @@ struct LinearWeight {
   int64_t n_out = 0, n_in = 0;
   const c10::Half *block_scales = nullptr;      // int8 blocks (llama.cpp's Q8_0): (out, in / 32)
 
-  // How the weight reads x in int8 blocks (quantize_row), if it does.
+  // How the weight reads x in int8 blocks (quantize_row), if it does: 4-bit weights.
   BlockForm block_form() const {
     if (dtype == at::kByte) return {group_size, group_size == 32};
-    if (dtype == at::kChar && block_scales) return {32, false};
     return {};
   }
 
-  // Does the weight read x in int16 (quantize_row_int16)?
-  bool reads_int16() const { return dtype == at::kChar && !block_scales; }
+  // Does the weight read x in int16 with a scale a row (quantize_row_int16)? int8 weights, with row scales or
+  // block scales.
+  bool reads_int16() const { return dtype == at::kChar; }
 
   // out[r * out_stride + o] = row o of W times x row r (times its row scale) for o in [lo, hi), every r. Each
   // weight row is read from memory once and multiplied by every x row while it is in L1. Speed: one switch for
@@ -79,7 +79,7 @@ struct LinearWeight {
         if (block_scales) {
           for (int64_t o = lo; o < hi; o++)
             in_pairs(x.n, [&]<int R>(int64_t r) {
-              dot_rows_q8<R>(x.xq + r, static_cast<const int8_t *>(data) + o * n_in, block_scales + o * (n_in / 32),
+              dot_rows_q8<R>(x.x16 + r, static_cast<const int8_t *>(data) + o * n_in, block_scales + o * (n_in / 32),
                              n_in, out + r * out_stride + o, out_stride);
             });
           break;
@@ -114,7 +114,7 @@ struct Product {
 
 // out_i = x W_i^T for R rows of x (row r at x + r * x_stride, n_in values) and weights that share them: every row
 // of every product is split over torch's threads in ONE parallel region, and each x row is quantized once per
-// BlockForm among them (4-bit group sizes, int8 blocks), and once to int16 if any weight is int8 with row scales.
+// BlockForm among them (4-bit group sizes), and once to int16 if any weight is int8 (either form).
 // A row's outputs are bit-identical whatever R (gemv_rows.h), and do not depend on the thread count (a thread
 // computes whole outputs).
 template <size_t N>
