@@ -103,7 +103,10 @@ args = read_model_args(source)
 import torchchat.quantize  # the runtime's imports, before the measurement
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 model = load_model(source, args, keep_quantized={keep})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+# VmHWM: this process's own peak (ru_maxrss is carried over from the parent at fork and exec: after tests that grew
+# pytest's process, it read pytest's size)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
+print(peak - before)
 """
 
 
