@@ -10,7 +10,9 @@ Applied from outside to a plain ``model.Transformer`` on CPU, as torchtitan's pa
   through ``torch.ops.torchchat.decode_attention``;
 - bias-free ``nn.Linear`` layers swapped for ``GemvLinear`` (inputs of a few rows through the gemv op);
 - a decode step's blocks (up to ``kernels.MAX_GEMV_ROWS`` sequences, each at its own position in its own cache row)
-  in one ``torch.ops.torchchat.decode_layers`` call (``decode.CPUTransformer``).
+  in one ``torch.ops.torchchat.decode_layers`` call (``decode.CPUTransformer``);
+- the C allocator keeps a prompt's MB-sized temporaries in its heap, reused, rather than a fresh memory map each
+  (``allocator``).
 
 The kernels (``kernels``, sources in ``torchchat/csrc/``) are built at first use; where they are not
 available only the first two apply, with torch's kernels. ``modes`` holds the torch function modes a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from torchchat.cpu.allocator import keep_large_blocks_in_heap
 from torchchat.cpu.decode import (BLOCK_LINEARS, CPUAttention, CPUTransformer, FusedDecode, GemvLinear, as_cpu,
                                   decode_layers, use_decode_attention, use_fused_decode, use_gemv)
 from torchchat.cpu.kernels import CACHE_DTYPES, available, float32_linear, supports
@@ -47,6 +50,7 @@ def install(model, *, linears: bool = True, fuse_layers: bool = True) -> dict[st
     if device.type != "cpu":
         raise ValueError(f"torchchat.cpu.install takes a model on the CPU; this one is on {device}")
     as_cpu(model)
+    keep_large_blocks_in_heap()
     model.kv_cache_dtype = CACHE_DTYPE
     return {"gemv": use_gemv(model) if linears else 0, "attention": use_decode_attention(model),
             "fused": use_fused_decode(model) if fuse_layers else 0}
