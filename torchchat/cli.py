@@ -81,7 +81,8 @@ def add_runtime_flags(p: argparse.ArgumentParser):
                    help="weight-only quantization of the linear layers (CPU kernels)")
     g.add_argument("--max-seq-length", type=int, default=None,
                    help="KV cache length in tokens (default: prompt + new tokens for generate, "
-                        f"{DEFAULT_CHAT_SEQ_LEN} for chat and server; never more than the model's context)")
+                        f"{DEFAULT_CHAT_SEQ_LEN} for chat and server; for eval the window, default 512; never more "
+                        "than the model's context)")
     g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree (processes per pipeline stage)")
     g.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree (number of stages)")
 
@@ -108,6 +109,15 @@ def add_chat_flags(p: argparse.ArgumentParser):
     add_model_flags(p)
     p.add_argument("--system-prompt", default=None, help="a system message at the start of the chat")
     add_sampling_flags(p)
+    add_runtime_flags(p)
+
+
+def add_eval_flags(p: argparse.ArgumentParser):
+    add_model_flags(p)
+    g = p.add_argument_group("eval")
+    g.add_argument("--text-file", required=True, help="the text whose perplexity is measured (UTF-8)")
+    g.add_argument("--batch", type=positive_int, default=4, help="windows run at once (KV cache rows)")
+    g.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE as JSON")
     add_runtime_flags(p)
 
 
@@ -162,6 +172,12 @@ COMMANDS = {c.name: c for c in (
     Command("chat", "talk with the model, multi-turn",
             "Interactive chat. End with /bye or EOF (Ctrl-D); Ctrl-C stops a reply, a second Ctrl-C exits.",
             add_chat_flags, commands.cmd_chat, commands.chat_on_rank),
+    Command("eval", "perplexity of a text, as llama.cpp's llama-perplexity measures it",
+            "Perplexity of --text-file: the text tokenized once, cut into windows of --max-seq-length tokens (default "
+            "512; a tail shorter than a window is dropped), each window run from position 0 (its first token BOS "
+            "where the tokenizer adds one), the second half of each window scored. The last stdout line is "
+            "'perplexity: P over T tokens'; progress and tokens/s go to stderr.",
+            add_eval_flags, commands.cmd_eval, commands.eval_on_rank),
     Command("list", "known models and which are available here",
             "List the known models, with the path each loads from or 'not available'.",
             lambda p: None, commands.cmd_list),

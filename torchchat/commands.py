@@ -1,4 +1,4 @@
-"""What each command does, once its flags are parsed: `generate`, `chat`, `list`, `server`.
+"""What each command does, once its flags are parsed: `generate`, `chat`, `eval`, `list`, `server`.
 
 Each command has a handler for one process, ``cmd_*(args)``, and those that may run over several
 processes also a handler for one rank, ``*_on_rank(args, prep, build, io_rank)``: the launcher
@@ -86,6 +86,62 @@ def cmd_chat(args, prep: Prepared | None = None, build=build_generator) -> int:
 
 def chat_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
     return cmd_chat(args, prep=prep, build=build)
+
+
+def read_eval_text(args) -> str:
+    """The text `eval` scores (--text-file), checked before any weight loads."""
+    from pathlib import Path
+
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise ConfigError(f"text file not found: {path} (check --text-file)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ConfigError(f"{path} is empty: give --text-file a text to score")
+    return text
+
+
+def cmd_eval(args, prep: Prepared | None = None, build=build_generator, read=read_eval_text) -> int:
+    """`eval`: the perplexity of a text (torchchat/perplexity.py has the protocol). On a rank, ``read`` returns None
+    where the text is not read: that rank follows the reading one's forwards."""
+    import json
+    from pathlib import Path
+
+    from torchchat.perplexity import DEFAULT_WINDOW, perplexity, windows_of
+
+    prep = prep or Prepared(args)
+    text = read(args)
+    window = tokens = None
+    if text is not None:  # every check before the weights load: the window, the text's length
+        window = prep.max_seq_len(args, DEFAULT_WINDOW)
+        tokens = prep.tokenizer.encode(text, bos=prep.tokenizer.add_bos)
+        windows_of(tokens, window, None)
+    generator = build(args, prep, window, max_batch=args.batch * args.pp)  # a pipeline keeps each stage busy
+    if not generator.is_io_rank:
+        generator.follow()
+        return 0
+    total = len(tokens) // window
+    every = max(1, total // 20)  # about 20 progress lines, whatever the text's length
+
+    def progress(done: int, total: int, ppl: float, rate: float):
+        if done % every == 0 or done == total:
+            generator.report(f"eval: {done}/{total} windows, perplexity so far {ppl:.4f}, {rate:.1f} tokens/s")
+
+    try:
+        result = perplexity(generator, tokens, window, progress)
+    finally:
+        generator.end_session()
+    generator.report(f"eval: {result.windows} windows of {window} tokens ({result.tokens} scored) in "
+                     f"{result.seconds:.1f} s, {result.tokens_per_s:.1f} tokens/s")
+    if args.json:
+        figures = {"model": prep.source.name, "text_file": str(args.text_file), "batch": args.batch, **result.as_dict()}
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    generator.write(f"perplexity: {result.perplexity:.4f} over {result.tokens} tokens\n")
+    return 0
+
+
+def eval_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
+    return cmd_eval(args, prep=prep, build=build, read=read_eval_text if io_rank else lambda _args: None)
 
 
 def cmd_list(args) -> int:

@@ -197,6 +197,52 @@ class Generator(ABC):
         if bad := [t for t in tokens if not 0 <= t < vocab]:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
+    # ----- scoring: the `eval` command -----
+
+    def score(self, windows: list[list[int]], first_scored: int,
+              on_scored: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+        """Each window's log-probabilities ``log p(w[j + 1] | w[:j + 1])`` for j in [first_scored, len(w) - 1): a
+        float32 tensor of ``len(w) - 1 - first_scored`` values a window, in order.
+
+        Every window runs alone from position 0 in a KV cache row of its own (nothing reused), as a prompt does:
+        ``max_batch // max_in_flight`` windows a forward, up to ``max_in_flight`` forwards in flight (a pipeline's
+        stages each busy with one; each in-flight forward in its own rows). ``on_scored(i, log_probs)`` as window i's
+        figures arrive. The windows have one length, at most ``max_seq_len``. Not while requests run."""
+        if self.scheduler.busy:
+            raise RuntimeError("score() while requests are running")
+        length = len(windows[0]) if windows else 0
+        if any(len(w) != length for w in windows) or not 0 <= first_scored < length - 1:
+            raise ValueError(f"windows of one length (> {first_scored + 1}) are scored: got lengths "
+                             f"{sorted(set(map(len, windows)))}")
+        if length > self.max_seq_len:
+            raise ConfigError(f"windows of {length} tokens exceed the KV cache ({self.max_seq_len} positions)")
+        per_step = max(1, self.max_batch // self.max_in_flight)
+        out: list[torch.Tensor | None] = [None] * len(windows)
+        in_flight: deque[range] = deque()
+
+        def collect():
+            indices, log_probs = in_flight.popleft(), self.finish()  # (B, T)
+            for k, i in enumerate(indices):
+                out[i] = log_probs[k, first_scored:length - 1].float().cpu()
+                if on_scored is not None:
+                    on_scored(i, out[i])
+
+        for n, begin in enumerate(range(0, len(windows), per_step)):
+            indices = range(begin, min(begin + per_step, len(windows)))
+            tokens = torch.tensor([windows[i] for i in indices], dtype=torch.long)  # (B, T)
+            targets = torch.full_like(tokens, -1)
+            targets[:, first_scored:-1] = tokens[:, first_scored + 1:]  # position j predicts token j + 1
+            first_row = (n % self.max_in_flight) * per_step  # in-flight forwards never share a cache row
+            step = Step(tokens, torch.zeros(len(indices), dtype=torch.long),
+                        torch.arange(first_row, first_row + len(indices)), prefill=True, targets=targets)
+            if len(in_flight) == self.max_in_flight:
+                collect()
+            self.start(step)
+            in_flight.append(indices)
+        while in_flight:
+            collect()
+        return out
+
     # ----- user level: the `generate` and `chat` commands -----
 
     def run_generate(self, prompt: str | None, args: GenerationArgs,

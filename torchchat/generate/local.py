@@ -9,6 +9,7 @@ import torch
 from torchchat import cpu
 from torchchat.generate.base import Generator
 from torchchat.generate.scheduler import Step
+from torchchat.generate.scoring import target_log_probs
 from torchchat.model import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,6 +77,8 @@ class LocalGenerator(Generator):
                 return self._step(tokens, input_pos, rows)  # (B, V)
             with self._prefill_mode(), _output_layer_detached(self.model) as output:
                 hidden = self.model(tokens, input_pos, rows)  # (B, T, dim): the model passes through a missing output
+                if step.targets is not None:  # scoring (Generator.score): (B, T) log-probabilities
+                    return target_log_probs(output, hidden, step.targets.to(self.device))
                 return output(hidden[:, -1])  # (B, V)
 
     def resize_batch(self, max_batch: int):

@@ -41,6 +41,9 @@ class Step:
     sequences: list[Sequence] = field(repr=False, default_factory=list)  # the scheduler's, on the scheduling process
     prefill: bool = False  # a prompt chunk (one request's rows)
     last_chunk: bool = True  # a prompt chunk that ends the prompt: its logits give the first tokens
+    # Scoring (Generator.score): (B, T) int64, the token each position predicts, -1 where not scored; the forward
+    # then returns each scored position's log-probability of its target, (B, T) float32 (0 elsewhere), not logits.
+    targets: torch.Tensor | None = None
 
     @property
     def input_pos(self) -> torch.Tensor:
