@@ -43,7 +43,10 @@ COUNT_UPDATES = """() => {
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
-    server = ServerProcess(["--max-seq-length", "1024", "--temperature", "0", "--max-new-tokens", "48"],
+    # 600 new tokens at most: the dragon story must still be streaming when the test clicks Stop (the default model
+    # decodes ~190 tok/s since it runs its Q4_1 file as it is: 48 tokens were over before the click); the other
+    # questions end at the model's end-of-turn token.
+    server = ServerProcess(["--max-seq-length", "1024", "--temperature", "0", "--max-new-tokens", "600"],
                            tmp_path_factory.mktemp("page-server") / "server.log")
     yield server.wait_ready()
     server.stop()
