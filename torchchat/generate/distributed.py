@@ -60,11 +60,12 @@ from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.process_group import collective_timeout
 from torchchat.distributed.pipeline import StepRoute, trim_to_stage
-from torchchat.distributed.plan import END, RESIZE, Plan, PlanLayout
-from torchchat.distributed.tensor_parallel import localize, parallelize
+from torchchat.distributed.plan import END, GROW, RESIZE, Plan, PlanLayout
+from torchchat.distributed.tensor_parallel import GatheredLinear, localize, parallelize
 from torchchat.generate.base import Generator
 from torchchat.generate.local import DTYPES, positions_and_rows
 from torchchat.generate.scheduler import Step
+from torchchat.generate.scoring import SCORE_ROWS, target_log_probs
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
 
@@ -73,7 +74,9 @@ class StagePart:
     """This rank's part of the model (a stage's layers, maybe TP shards): runs a step's rows through it.
 
     The last stage applies its output layer to each row's last position only, as LocalGenerator does for a
-    prompt (and as a decode step's one position is anyway): the logits (B, V) that sampling reads."""
+    prompt (and as a decode step's one position is anyway): the logits (B, V) that sampling reads. A scoring
+    step's (one with ``targets``) last stage returns the scored positions' log-probabilities (B, T) float32
+    instead: under TP from each rank's vocab shard (``GatheredLinear.log_probs``: nothing gathered)."""
 
     def __init__(self, model: Transformer, is_last: bool, float32_prefill: bool = False):
         self.model = model
@@ -94,7 +97,15 @@ class StagePart:
             hidden = self.model(x, input_pos, rows)  # (B, T, dim)
             if self.output is None:
                 return hidden
+            if step.targets is not None:
+                return self._score(hidden, step.targets.to(hidden.device))  # (B, T) float32
             return self.output(hidden[:, -1:])[:, -1]  # (B, V)
+
+    def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.output, GatheredLinear):  # a vocab shard: a vocab-parallel log-softmax
+            return self.output.log_probs(hidden, targets, SCORE_ROWS)
+        # the whole vocabulary here (tp 1), or DTensor's output layer (the reference: it gathers the logits)
+        return target_log_probs(self.output, hidden, targets)
 
 
 class DistributedGenerator(Generator):
@@ -166,8 +177,13 @@ class DistributedGenerator(Generator):
 
     def start(self, step: Step):
         with self._failing_breaks():
-            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows))
-            self.route.expect_logits(step.tokens.size(0))
+            if step.targets is not None and step.tokens.numel() > self.layout.score_tokens:
+                self._grow_for_scoring(step.tokens.numel())
+            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows, step.targets))
+            if step.targets is None:
+                self.route.expect_logits(step.tokens.size(0))
+            else:
+                self.route.expect_scores(*step.tokens.shape)
             self._run(self.layout.read(plan))  # what every rank reads from the plan, rank 0 included
 
     def finish(self) -> torch.Tensor:
@@ -182,6 +198,13 @@ class DistributedGenerator(Generator):
             self.route.share_plan(self.layout.resize(max_batch))
             self._resize_here(max_batch)
         self._resized(max_batch)
+
+    def _grow_for_scoring(self, score_tokens: int):
+        """Every rank's plans grow to hold scoring steps of ``score_tokens`` tokens and their targets (a window
+        of 512 tokens a row outgrows the scheduler's steps). Nothing drains: the caches do not change, and each
+        link's plans arrive in order, each in the size its sender and receiver both had at the time."""
+        self.route.share_plan(self.layout.grow(score_tokens))
+        self.layout = self.layout.scoring(score_tokens)
 
     def end_session(self):
         """Release the followers; their ``follow()`` returns (a server's, or the CLI's ranks). Not after a step
@@ -216,6 +239,8 @@ class DistributedGenerator(Generator):
                 return
             if plan.kind == RESIZE:
                 self._resize_here(plan.batch)
+            elif plan.kind == GROW:
+                self.layout = self.layout.scoring(plan.score_tokens)
             else:
                 self._run(plan)
 
@@ -223,9 +248,9 @@ class DistributedGenerator(Generator):
 
     def _run(self, plan: Plan):
         """One step on this rank: its input, its layers, its output on to the next stage (or to rank 0)."""
-        step = Step(plan.tokens, plan.positions, plan.rows)
+        step = Step(plan.tokens, plan.positions, plan.rows, targets=plan.targets)
         x = step.tokens.to(self.device) if self.route.is_first else self.route.hidden_in(*step.tokens.shape)
-        self.route.pass_on(self.part.forward(x, step))
+        self.route.pass_on(self.part.forward(x, step), scores=step.targets is not None)
 
     def _resize_here(self, max_batch: int):
         self.part.setup_caches(max_batch, self.max_seq_len)
