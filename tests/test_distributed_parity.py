@@ -131,7 +131,28 @@ def kernel_case(gen, rank: int, _payload):
     return attention, isinstance(model.decode_layers, cpu_kernels.FusedDecode), linears
 
 
-CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case}
+def score_case(gen, rank: int, text: tuple[list[int], int]):
+    """The perplexity of ``text`` (tokens, window) through ``gen`` (eval's protocol), and each window's scored
+    log-probabilities (windows, window - 1 - window // 2), on rank 0; the other ranks follow."""
+    from torchchat.perplexity import perplexity
+
+    if rank != 0:
+        return gen.follow()
+    scored, score = [], gen.score
+
+    def recording(*args):
+        scored.extend(score(*args))
+        return scored
+    gen.score = recording
+    try:
+        result = perplexity(gen, *text)
+    finally:
+        gen.end_session()
+    return result.perplexity, result.tokens, torch.stack(scored)
+
+
+CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case,
+              "score": score_case}
 
 
 def _tokens(completions):

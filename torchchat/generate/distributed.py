@@ -33,6 +33,23 @@ So a decoded token of SmolLM2 (30 layers) costs at TP 3 each rank 61 all-reduces
 (2 sends on rank 0, 1 receive on the others); at PP 2, 3 point-to-point operations on each rank (plan, hidden
 states, logits), whatever the number of sequences in the step.
 
+Scoring (``Generator.score``, `eval`): a scoring forward (a batch of windows, its plan carrying their targets,
+``plan.py`` SCORE) is one of the ``S`` steps above and costs what they cost, but for its ends: the last stage
+returns the scored positions' log-probabilities (B, T) float32, not logits, so
+
+- with pp > 1: ``send_scores`` / ``recv_scores`` instead of ``send_logits`` / ``recv_logits`` (one each);
+- with tp > 1: on the last stage ``tp_score_max`` + ``tp_score_sum`` (the vocab-parallel log-softmax,
+  ``torchchat/distributed/vocab_parallel.py``: 12 bytes a scored position) instead of ``tp_all_gather``;
+- one more control plan (in ``C``), ``grow``, when a scoring step first outgrows the plan's size.
+
+Per scoring forward, whatever its windows and their length: at TP t (one stage of L layers) 2L + 1 + 2
+all-reduces on each rank and t - 1 plan sends on rank 0 (SmolLM2 at TP 3: 63 all-reduces, no all-gather); at
+PP 2, 3 point-to-point operations on each rank (plan, hidden states, log-probabilities); at TP 2 x PP 2, a
+first-stage rank 2 L_0 + 1 all-reduces, a last-stage rank 2 L_1 + 2; rank 0 sends the plan twice (its tp peer,
+the next stage), sends its hidden states and receives the log-probabilities; rank 1 receives the plan and sends
+it on, and its hidden states; the last stage's ranks receive the plan and the hidden states, and its tp rank 0
+sends the log-probabilities.
+
 On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the decode
 path communicates outside this budget): each helper is one operation: a send, a receive, an all-reduce, an
 all-gather. Nothing else: no barrier, no other collective, nothing per request (joins, leaves and new tokens
