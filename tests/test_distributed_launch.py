@@ -5,6 +5,7 @@ parallel layout must equal the plain one-process run, byte for byte.
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,35 @@ def test_self_launched_tp2_pp2_generate_equals_local(flags, marker, local_genera
     assert done.returncode == 0, done.stderr
     assert done.stdout == local_generate
     assert_ranks_ran(done, 4)
+
+
+# `eval` of 8 windows of 32 tokens (the byte tokenizer: a byte is a token), 2 windows a forward
+EVAL_TEXT = "The quick brown fox jumps over the lazy dog. " * 6
+EVAL = ["--max-seq-length", "32", "--batch", "2"]
+# Measured on this text: TP 2 x PP 2's perplexity parts from one process's by 4.0e-6 (relative; the TP layers'
+# float32 sums in another order: see test_distributed_parity.py's figures).
+EVAL_TP_PERPLEXITY = 8e-6
+
+
+def _perplexity_line(done) -> tuple[float, int]:
+    assert done.returncode == 0, done.stderr
+    match = re.fullmatch(r"perplexity: (\d+\.\d{4}) over (\d+) tokens\n", done.stdout)
+    assert match, done.stdout
+    return float(match.group(1)), int(match.group(2))
+
+
+def test_self_launched_tp2_pp2_eval_equals_local(flags, marker, tmp_path):
+    """`eval --tp 2 --pp 2` as a user starts it (4 processes, rank 0 reads the text, the others follow) prints one
+    process's perplexity line, to float tolerance."""
+    text = tmp_path / "text.txt"
+    text.write_text(EVAL_TEXT)
+    args = ["eval", *flags, "--text-file", str(text), *EVAL]
+    local = _perplexity_line(run(torchchat(*args), tmp_path, marker))
+    done = run(torchchat(*args, "--tp", "2", "--pp", "2"), tmp_path, marker, timeout=180)
+    parallel = _perplexity_line(done)
+    assert_ranks_ran(done, 4)
+    assert parallel[1] == local[1] == 8 * 15
+    assert abs(parallel[0] / local[0] - 1) < EVAL_TP_PERPLEXITY, f"{parallel[0]} vs {local[0]}"
 
 
 @pytest.mark.parametrize("layout", [["--pp", "2"], ["--tp", "2"]], ids=["pp2", "tp2"])

@@ -131,7 +131,28 @@ def kernel_case(gen, rank: int, _payload):
     return attention, isinstance(model.decode_layers, cpu_kernels.FusedDecode), linears
 
 
-CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case}
+def score_case(gen, rank: int, text: tuple[list[int], int]):
+    """The perplexity of ``text`` (tokens, window) through ``gen`` (eval's protocol), and each window's scored
+    log-probabilities (windows, window - 1 - window // 2), on rank 0; the other ranks follow."""
+    from torchchat.perplexity import perplexity
+
+    if rank != 0:
+        return gen.follow()
+    scored, score = [], gen.score
+
+    def recording(*args):
+        scored.extend(score(*args))
+        return scored
+    gen.score = recording
+    try:
+        result = perplexity(gen, *text)
+    finally:
+        gen.end_session()
+    return result.perplexity, result.tokens, torch.stack(scored)
+
+
+CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case,
+              "score": score_case}
 
 
 def _tokens(completions):
@@ -214,6 +235,17 @@ SCHEDULE = [(0, "Once upon a time, in a land far away", GenerationArgs(max_new_t
             (4, "x" * 200, GenerationArgs(max_new_tokens=10, temperature=0)),  # longer than the context: refused
             (6, "In the beginning", GenerationArgs(max_new_tokens=10, temperature=0))]
 SCHEDULE_KWARGS = {"max_seq_len": 128, "max_batch": 4, "prefill_chunk": 8}
+# `eval` (Generator.score): 5 windows of 32 tokens and a tail, 2 windows a step (3 steps; at PP 2 two in flight,
+# in rows of their own), plans outgrowing prompt chunks of 8 tokens (a grow plan). The byte tokenizer: a byte is
+# a token.
+SCORE_WINDOW = 32
+SCORE_TOKENS = list(("The quick brown fox jumps over the lazy dog. " * 4).encode())[:5 * SCORE_WINDOW + 7]
+# TP 2 and TP 2 x PP 2 against one process, measured: 2.8e-6 of the perplexity (relative), 4.2e-4 at most in a
+# position's log-probability (the row-wise layers' sums in another order, through the float16 KV cache; a
+# full-vocabulary log-softmax of the same TP ranks' hidden states (DTensor's gathered logits) parts from the
+# vocab-parallel one by about 1e-8 of the perplexity).
+SCORE_TP_PERPLEXITY = 6e-6
+SCORE_TP_LOG_PROB = 8e-4
 
 # Which cases run on which layout of the tiny model (one launch each).
 BATCH_LAYOUTS = [(1, 2), (2, 2)]
@@ -228,6 +260,8 @@ def tiny_cases(tp: int, pp: int) -> dict:
         cases["batch"] = ("generate", {"max_seq_len": 64}, BATCH_RUNS)
     if (tp, pp) in SCHEDULE_LAYOUTS:
         cases["schedule"] = ("schedule", SCHEDULE_KWARGS, SCHEDULE)
+        cases["score"] = ("score", {"max_seq_len": SCORE_WINDOW, "max_batch": 2 * pp, "prefill_chunk": 8},
+                          (SCORE_TOKENS, SCORE_WINDOW))
     if (tp, pp) in CHAT_LAYOUTS:
         cases["chat"] = ("chat", {"max_seq_len": 256}, CHAT)
     if (tp, pp) in KERNEL_LAYOUTS and cpu_kernels.available():
@@ -272,6 +306,21 @@ def test_requests_joining_at_different_steps_each_match_local_alone(tiny_model, 
     parted = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     assert not parted, f"tp {tp}, pp {pp}: requests {parted} differ from LocalGenerator's alone:\n{got}\n{expected}"
     assert depth == pp, f"{depth} steps in flight at most: a pipeline of {pp} stages keeps one group in each"
+
+
+@pytest.mark.parametrize("tp,pp", SCHEDULE_LAYOUTS, ids=lambda v: str(v))
+def test_perplexity_matches_local(tiny_model, launched, tp, pp):
+    """`eval` through the stages and the TP shards gives one process's figure: exactly where only the layers are
+    split between stages (each rank computes them as one process does), to float tolerance under TP, whose
+    row-wise layers add their float32 partial sums in another order (the logits' log-softmax is vocab-parallel)."""
+    expected = score_case(_local(tiny_source(tiny_model), SCORE_WINDOW), 0, (SCORE_TOKENS, SCORE_WINDOW))
+    perplexity, tokens, log_probs = rank0(launched(tp, pp), "score")
+    assert tokens == expected[1] == 5 * (SCORE_WINDOW - 1 - SCORE_WINDOW // 2)
+    if tp == 1:
+        assert perplexity == expected[0] and torch.equal(log_probs, expected[2]), f"pp {pp}"
+        return
+    assert abs(perplexity / expected[0] - 1) < SCORE_TP_PERPLEXITY, f"tp {tp}, pp {pp}: {perplexity} vs {expected[0]}"
+    assert torch.allclose(log_probs, expected[2], rtol=0, atol=SCORE_TP_LOG_PROB), f"tp {tp}, pp {pp}"
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")

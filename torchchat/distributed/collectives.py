@@ -95,6 +95,20 @@ def post_recv_logits(logits: torch.Tensor, src: int, group):
     return dist.irecv(logits, src=src, group=group)
 
 
+def send_scores(log_probs: torch.Tensor, dst: int, group):
+    """Per scoring step (``Generator.score``, `eval`) on tp rank 0 of the last stage (pp > 1), instead of
+    ``send_logits``: the scored positions' log-probabilities (B, T) float32 to rank 0. Why: rank 0 sums the
+    text's perplexity; (B, T) float32 is what it needs, not a position's (B, V) logits. Returns the pending send."""
+    COUNTS["send_scores"] += 1
+    return dist.isend(log_probs, dst=dst, group=group)
+
+
+def post_recv_scores(log_probs: torch.Tensor, src: int, group):
+    """The matching receive on rank 0, posted when the scoring step starts, as ``post_recv_logits`` is."""
+    COUNTS["recv_scores"] += 1
+    return dist.irecv(log_probs, src=src, group=group)
+
+
 def wait_step(work):
     """Wait for a pending send or receive of a step's traffic, at most the collective timeout."""
     _wait(work, collective_timeout())
@@ -117,6 +131,25 @@ def tp_all_gather(shard: torch.Tensor, group, world: int) -> torch.Tensor:
     parts = [torch.empty_like(shard) for _ in range(world)]
     dist.all_gather(parts, shard, group=group)
     return torch.cat(parts, dim=-1)
+
+
+def tp_score_max(local_max: torch.Tensor, group) -> torch.Tensor:
+    """Per scoring step on the last stage (tp > 1): the max over the vocabulary of each scored position's logits,
+    (N,) float32, from each rank's max over its vocab shard. Why: every rank's sum of exponentials must be taken
+    against the same max, for the shards' sums to add up (and for exp not to overflow). In place."""
+    COUNTS["tp_score_max"] += 1
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    return local_max
+
+
+def tp_score_sum(sums: torch.Tensor, group) -> torch.Tensor:
+    """Per scoring step on the last stage (tp > 1), after ``tp_score_max``: (2, N) float32, each rank's sum of
+    exp(logit - max) over its vocab shard, and each target's logit where the rank's shard holds it (0 elsewhere).
+    Why: the softmax's denominator is the sum over every shard, and only one rank has each target's logit. In
+    place."""
+    COUNTS["tp_score_sum"] += 1
+    dist.all_reduce(sums, group=group)
+    return sums
 
 
 def _wait(work, timeout: timedelta | None):

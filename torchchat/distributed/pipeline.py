@@ -13,6 +13,8 @@ schedules:
   plan a step: the messages of a broadcast, each waited for on its own (``collectives.send_plan`` says why);
 - tp rank 0 of the last stage sends the logits (B, V) to rank 0, which posted the receive when it started
   the step: rank 0 starts the next group of sequences while this one is in the pipe (no drain per token).
+  A scoring step (its plan carries targets) sends the scored positions' log-probabilities (B, T) float32
+  instead, the same way: windows flow through the stages as continuously as decode steps.
 
 Point-to-point transfers between stages are written out here, not taken from ``torch.distributed.pipelining``:
 its schedules wait for each step's tokens (a drain per token), its stages have static shapes, and a
@@ -25,8 +27,8 @@ from collections import deque
 
 import torch
 
-from torchchat.distributed.collectives import (post_recv_logits, recv_activation, recv_plan, send_activation,
-                                               send_logits, send_plan, wait_step)
+from torchchat.distributed.collectives import (post_recv_logits, post_recv_scores, recv_activation, recv_plan,
+                                               send_activation, send_logits, send_plan, send_scores, wait_step)
 from torchchat.model import Transformer
 
 
@@ -102,21 +104,31 @@ class StepRoute:
             logits = torch.empty(batch, self.vocab_size, dtype=self.dtype, device=self.device)
             self._logits.append((post_recv_logits(logits, self.logits_rank, self.logits_group), logits))
 
-    def pass_on(self, out: torch.Tensor):
+    def expect_scores(self, batch: int, seq_len: int):
+        """Rank 0, when it starts a scoring step that another rank finishes: post the receive of its (B, T)
+        float32 log-probabilities."""
+        if self.rank == self.io_rank and self.rank != self.logits_rank:
+            scores = torch.empty(batch, seq_len, dtype=torch.float32, device=self.device)
+            self._logits.append((post_recv_scores(scores, self.logits_rank, self.logits_group), scores))
+
+    def pass_on(self, out: torch.Tensor, scores: bool = False):
         """After this rank's layers: hidden states (B, T, dim) to the next stage, or the last stage's logits (B, V)
-        to rank 0 (kept here when this is rank 0)."""
-        if out.dtype != self.dtype:
-            raise RuntimeError(f"stage {self.stage} made {out.dtype} activations; the next stage receives {self.dtype}")
+        (``scores``: a scoring step's log-probabilities (B, T) float32) to rank 0 (kept here when this is rank 0)."""
+        expected = torch.float32 if scores and self.is_last else self.dtype
+        if out.dtype != expected:
+            raise RuntimeError(f"stage {self.stage} made {out.dtype} outputs; their receiver expects {expected}")
         out = out.contiguous()
         if not self.is_last:
             self._sends.append((send_activation(out, self.next, self.pp_group), out))
         elif self.rank == self.io_rank:
             self._logits.append((None, out))
         elif self.rank == self.logits_rank:
-            self._sends.append((send_logits(out, self.io_rank, self.logits_group), out))
+            send = send_scores if scores else send_logits
+            self._sends.append((send(out, self.io_rank, self.logits_group), out))
 
     def take_logits(self) -> torch.Tensor:
-        """Rank 0: the logits (B, V) of the oldest step started and not yet taken."""
+        """Rank 0: the logits (B, V) (or a scoring step's (B, T) log-probabilities) of the oldest step started and
+        not yet taken."""
         work, logits = self._logits.popleft()
         if work is not None:
             wait_step(work)

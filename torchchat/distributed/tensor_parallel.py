@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from torchchat.cpu import kernels as cpu_kernels
 from torchchat.cpu.decode import GemvLinear
 from torchchat.distributed.collectives import tp_all_gather, tp_all_reduce
+from torchchat.distributed.vocab_parallel import vocab_parallel_log_probs
 from torchchat.model import Transformer
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
@@ -97,7 +98,7 @@ def _install_collective(model: nn.Module, fqn: str, module: nn.Module, style: Pa
     plain_linear = type(module) is nn.Linear and module.bias is None
     if isinstance(style, ColwiseParallel) and plain_linear:
         if replicated_out:
-            setattr(model.get_submodule(owner), name, GatheredLinear(module.weight, group, world))
+            setattr(model.get_submodule(owner), name, GatheredLinear(module.weight, group, world, rank))
         # else: the output stays sharded on the last dim (heads, hidden units): no communication
     elif isinstance(style, RowwiseParallel) and plain_linear and replicated_out:
         setattr(model.get_submodule(owner), name, RowwiseLinear(module.weight, group))
@@ -150,14 +151,22 @@ class GatheredLinear(GemvLinear):
     """A column-wise parallel linear whose output is replicated (the output layer): this rank's vocab
     shard of the logits, for the last position only, all-gathered. Generation samples there alone, and
     a prompt's every position would multiply the work and the gathered bytes by its length. The shard is
-    computed as one process computes its rows (``GemvLinear``: the gemv op for one row on CPU)."""
+    computed as one process computes its rows (``GemvLinear``: the gemv op for one row on CPU).
 
-    def __init__(self, weight: nn.Parameter, group, world: int):
-        super().__init__(weight)  # (vocab / tp, dim)
-        self.group, self.world = group, world
+    Scoring (``log_probs``) gathers nothing: a vocab-parallel log-softmax (``vocab_parallel.py``)."""
+
+    def __init__(self, weight: nn.Parameter, group, world: int, rank: int):
+        super().__init__(weight)  # (vocab / tp, dim): rows [rank * vocab / tp, (rank + 1) * vocab / tp)
+        self.group, self.world, self.rank = group, world, rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, dim)
         return tp_all_gather(super().forward(x[:, -1:]), self.group, self.world)  # (B, 1, vocab)
+
+    def log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, rows_at_once: int) -> torch.Tensor:
+        """hidden (B, T, dim), targets (B, T) (-1: not scored) -> (B, T) float32 log-probabilities of the targets,
+        as ``generate/scoring.target_log_probs`` gives them, from this rank's vocab shard and two all-reduces."""
+        return vocab_parallel_log_probs(super().forward, self.rank * self.out_features, self.out_features, hidden,
+                                        targets, self.group, rows_at_once)
 
 
 def _vocab_shard_lookup(embedding: nn.Embedding, group, rank: int):

@@ -33,6 +33,23 @@ So a decoded token of SmolLM2 (30 layers) costs at TP 3 each rank 61 all-reduces
 (2 sends on rank 0, 1 receive on the others); at PP 2, 3 point-to-point operations on each rank (plan, hidden
 states, logits), whatever the number of sequences in the step.
 
+Scoring (``Generator.score``, `eval`): a scoring forward (a batch of windows, its plan carrying their targets,
+``plan.py`` SCORE) is one of the ``S`` steps above and costs what they cost, but for its ends: the last stage
+returns the scored positions' log-probabilities (B, T) float32, not logits, so
+
+- with pp > 1: ``send_scores`` / ``recv_scores`` instead of ``send_logits`` / ``recv_logits`` (one each);
+- with tp > 1: on the last stage ``tp_score_max`` + ``tp_score_sum`` (the vocab-parallel log-softmax,
+  ``torchchat/distributed/vocab_parallel.py``: 12 bytes a scored position) instead of ``tp_all_gather``;
+- one more control plan (in ``C``), ``grow``, when a scoring step first outgrows the plan's size.
+
+Per scoring forward, whatever its windows and their length: at TP t (one stage of L layers) 2L + 1 + 2
+all-reduces on each rank and t - 1 plan sends on rank 0 (SmolLM2 at TP 3: 63 all-reduces, no all-gather); at
+PP 2, 3 point-to-point operations on each rank (plan, hidden states, log-probabilities); at TP 2 x PP 2, a
+first-stage rank 2 L_0 + 1 all-reduces, a last-stage rank 2 L_1 + 2; rank 0 sends the plan twice (its tp peer,
+the next stage), sends its hidden states and receives the log-probabilities; rank 1 receives the plan and sends
+it on, and its hidden states; the last stage's ranks receive the plan and the hidden states, and its tp rank 0
+sends the log-probabilities.
+
 On the wire (torch.distributed's own operations, which the test counts too, so that nothing in the decode
 path communicates outside this budget): each helper is one operation: a send, a receive, an all-reduce, an
 all-gather. Nothing else: no barrier, no other collective, nothing per request (joins, leaves and new tokens
@@ -60,11 +77,12 @@ from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.process_group import collective_timeout
 from torchchat.distributed.pipeline import StepRoute, trim_to_stage
-from torchchat.distributed.plan import END, RESIZE, Plan, PlanLayout
-from torchchat.distributed.tensor_parallel import localize, parallelize
+from torchchat.distributed.plan import END, GROW, RESIZE, Plan, PlanLayout
+from torchchat.distributed.tensor_parallel import GatheredLinear, localize, parallelize
 from torchchat.generate.base import Generator
 from torchchat.generate.local import DTYPES, positions_and_rows
 from torchchat.generate.scheduler import Step
+from torchchat.generate.scoring import SCORE_ROWS, target_log_probs
 from torchchat.generate.stats import peak_memory_mb
 from torchchat.model import Transformer
 
@@ -73,7 +91,9 @@ class StagePart:
     """This rank's part of the model (a stage's layers, maybe TP shards): runs a step's rows through it.
 
     The last stage applies its output layer to each row's last position only, as LocalGenerator does for a
-    prompt (and as a decode step's one position is anyway): the logits (B, V) that sampling reads."""
+    prompt (and as a decode step's one position is anyway): the logits (B, V) that sampling reads. A scoring
+    step's (one with ``targets``) last stage returns the scored positions' log-probabilities (B, T) float32
+    instead: under TP from each rank's vocab shard (``GatheredLinear.log_probs``: nothing gathered)."""
 
     def __init__(self, model: Transformer, is_last: bool, float32_prefill: bool = False):
         self.model = model
@@ -94,7 +114,15 @@ class StagePart:
             hidden = self.model(x, input_pos, rows)  # (B, T, dim)
             if self.output is None:
                 return hidden
+            if step.targets is not None:
+                return self._score(hidden, step.targets.to(hidden.device))  # (B, T) float32
             return self.output(hidden[:, -1:])[:, -1]  # (B, V)
+
+    def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.output, GatheredLinear):  # a vocab shard: a vocab-parallel log-softmax
+            return self.output.log_probs(hidden, targets, SCORE_ROWS)
+        # the whole vocabulary here (tp 1), or DTensor's output layer (the reference: it gathers the logits)
+        return target_log_probs(self.output, hidden, targets)
 
 
 class DistributedGenerator(Generator):
@@ -166,8 +194,13 @@ class DistributedGenerator(Generator):
 
     def start(self, step: Step):
         with self._failing_breaks():
-            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows))
-            self.route.expect_logits(step.tokens.size(0))
+            if step.targets is not None and step.tokens.numel() > self.layout.score_tokens:
+                self._grow_for_scoring(step.tokens.numel())
+            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows, step.targets))
+            if step.targets is None:
+                self.route.expect_logits(step.tokens.size(0))
+            else:
+                self.route.expect_scores(*step.tokens.shape)
             self._run(self.layout.read(plan))  # what every rank reads from the plan, rank 0 included
 
     def finish(self) -> torch.Tensor:
@@ -182,6 +215,13 @@ class DistributedGenerator(Generator):
             self.route.share_plan(self.layout.resize(max_batch))
             self._resize_here(max_batch)
         self._resized(max_batch)
+
+    def _grow_for_scoring(self, score_tokens: int):
+        """Every rank's plans grow to hold scoring steps of ``score_tokens`` tokens and their targets (a window
+        of 512 tokens a row outgrows the scheduler's steps). Nothing drains: the caches do not change, and each
+        link's plans arrive in order, each in the size its sender and receiver both had at the time."""
+        self.route.share_plan(self.layout.grow(score_tokens))
+        self.layout = self.layout.scoring(score_tokens)
 
     def end_session(self):
         """Release the followers; their ``follow()`` returns (a server's, or the CLI's ranks). Not after a step
@@ -216,6 +256,8 @@ class DistributedGenerator(Generator):
                 return
             if plan.kind == RESIZE:
                 self._resize_here(plan.batch)
+            elif plan.kind == GROW:
+                self.layout = self.layout.scoring(plan.score_tokens)
             else:
                 self._run(plan)
 
@@ -223,9 +265,9 @@ class DistributedGenerator(Generator):
 
     def _run(self, plan: Plan):
         """One step on this rank: its input, its layers, its output on to the next stage (or to rank 0)."""
-        step = Step(plan.tokens, plan.positions, plan.rows)
+        step = Step(plan.tokens, plan.positions, plan.rows, targets=plan.targets)
         x = step.tokens.to(self.device) if self.route.is_first else self.route.hidden_in(*step.tokens.shape)
-        self.route.pass_on(self.part.forward(x, step))
+        self.route.pass_on(self.part.forward(x, step), scores=step.targets is not None)
 
     def _resize_here(self, max_batch: int):
         self.part.setup_caches(max_batch, self.max_seq_len)
