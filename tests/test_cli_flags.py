@@ -9,6 +9,7 @@ SAMPLING = {"--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed"}
 FROZEN = {
     "generate": MODEL | RUNTIME | SAMPLING | {"--prompt", "--num-samples"},
     "chat": MODEL | RUNTIME | SAMPLING | {"--system-prompt"},
+    "eval": MODEL | RUNTIME | {"--text-file", "--batch", "--json"},
     "list": set(),
     "server": MODEL | RUNTIME | SAMPLING | {"--host", "--port", "--max-batch", "--max-queue", "--no-prefix-reuse",
                "--shutdown-timeout", "--max-body-size", "--max-connections", "--allowed-hosts"},
