@@ -82,13 +82,17 @@ class NumpyLlama:
         up = x @ w[f"blk.{i}.ffn_up.weight"].T
         return (gate / (1 + np.exp(-gate)) * up) @ w[f"blk.{i}.ffn_down.weight"].T
 
-    def last_logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(T, vocab): the logits at every position of ``ids``, run from position 0."""
         x = self.w["token_embd.weight"][ids]  # (T, dim)
         for i in range(self.n_layers):
             x = x + self.attention(self.rms_norm(x, self.w[f"blk.{i}.attn_norm.weight"]), i)
             x = x + self.feed_forward(self.rms_norm(x, self.w[f"blk.{i}.ffn_norm.weight"]), i)
-        x = self.rms_norm(x[-1], self.w["output_norm.weight"])
+        x = self.rms_norm(x, self.w["output_norm.weight"])
         return x @ self.w.get("output.weight", self.w["token_embd.weight"]).T  # tied when there is no output
+
+    def last_logits(self, ids: list[int]) -> np.ndarray:
+        return self.logits(ids)[-1]
 
 
 def reference_greedy(ref: NumpyLlama, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
@@ -112,7 +116,12 @@ def torchchat_greedy(model, prompt: list[int]) -> tuple[list[int], list[np.ndarr
     return out, steps
 
 
-def test_smollm2_greedy_matches_numpy_reference():
+@pytest.fixture(scope="module")
+def ref() -> NumpyLlama:
+    return NumpyLlama(GGUF_PATH)
+
+
+def test_smollm2_greedy_matches_numpy_reference(ref):
     started = time.perf_counter()
     source = ModelSource("smollm2-135m", gguf_path=GGUF_PATH)
     args = read_model_args(source)
@@ -120,7 +129,6 @@ def test_smollm2_greedy_matches_numpy_reference():
     model = load_model(source, args)
     loaded = time.perf_counter()
 
-    ref = NumpyLlama(GGUF_PATH)
     prompt = [ref.token_id(piece) for piece in PROMPT]
     expected, expected_logits = reference_greedy(ref, prompt)
     referenced = time.perf_counter()
@@ -135,3 +143,56 @@ def test_smollm2_greedy_matches_numpy_reference():
         print(f"step {step}: max |logit difference| {error:.2e} of max |logit| {scale:.1f}")
         assert error <= 1e-3 * scale, (step, error, scale)
     assert "ĠParis" in [ref.vocab[t] for t in got]  # and the weights are laid out right, not merely alike
+
+
+# eval: the perplexity of a short text by llama-perplexity's protocol, computed here from the numpy forward's logits
+# at every position, against torchchat.perplexity through a LocalGenerator on the same float32 weights.
+EVAL_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk. From the lamp room he could see the "
+    "whole bay: the fishing boats coming home, the gulls circling the harbour wall, and the long line of cliffs "
+    "that ran north towards the old mill. He trimmed the wick, polished the great lens until it shone, and wrote "
+    "the weather in his logbook in a small, careful hand. Most nights were quiet. Now and then a storm came in "
+    "from the west, and then he stayed awake until morning, watching the beam sweep across the rain and listening "
+    "to the sea break against the rocks below. In the spring his daughter came to visit, and he showed her how "
+    "to read the tide tables and how to tell a squall from a passing shower by the colour of the clouds."
+)
+EVAL_WINDOW = 64  # two windows of this text (and a dropped tail): 31 scored tokens each
+
+
+def reference_perplexity(ref: NumpyLlama, tokens: list[int], window: int, bos: int | None) -> tuple[float, int]:
+    """llama-perplexity's protocol from tools/perplexity/perplexity.cpp, in numpy: consecutive windows (tail
+    dropped), BOS over each window's first token where the vocabulary adds one, positions window/2 .. window-2
+    predicting the next token, log-softmax over the whole vocabulary in float64."""
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - window + 1, window):
+        ids = list(tokens[start:start + window])
+        if bos is not None:
+            ids[0] = bos
+        logits = ref.logits(ids)[window // 2:window - 1].astype(np.float64)  # (window - 1 - window/2, vocab)
+        log_z = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        nll -= float((logits[np.arange(len(logits)), ids[window // 2 + 1:]] - log_z).sum())
+        count += len(logits)
+    return float(np.exp(nll / count)), count
+
+
+@pytest.mark.parametrize("add_bos", [False, True], ids=["file_no_bos", "bos_forced"])
+def test_smollm2_perplexity_matches_numpy_reference(ref, add_bos):
+    """SmolLM2's vocabulary adds no BOS (tokenizer.ggml.add_bos_token false); the second case turns it on, so that
+    the BOS at the text's start and over each window's first token is checked too."""
+    from tests.generators import local_generator
+    from torchchat.perplexity import perplexity
+
+    gen = local_generator(ModelSource("smollm2-135m", gguf_path=GGUF_PATH), max_seq_len=EVAL_WINDOW, max_batch=2)
+    gen.tokenizer.add_bos = add_bos and gen.tokenizer.bos_id is not None
+    assert gen.tokenizer.add_bos == add_bos
+    tokens = gen.tokenizer.encode(EVAL_TEXT, bos=add_bos)
+    assert 2 * EVAL_WINDOW < len(tokens) < 3 * EVAL_WINDOW, len(tokens)  # two windows and a tail to drop
+    expected, count = reference_perplexity(ref, tokens, EVAL_WINDOW, gen.tokenizer.bos_id if add_bos else None)
+    got = perplexity(gen, tokens, EVAL_WINDOW)
+    relative = abs(got.perplexity - expected) / expected
+    print(f"add_bos={add_bos}: perplexity {got.perplexity:.6f}, numpy {expected:.6f} over {count} tokens, "
+          f"relative difference {relative:.2e}")
+    assert (got.tokens, got.windows) == (count, 2)
+    # measured 1.3e-4 (no BOS) and 3.3e-5 (BOS): the KV caches' float16 (torchchat.cpu, as llama.cpp's default);
+    # with float32 caches 8.8e-6
+    assert relative < 3e-4, (got.perplexity, expected)
