@@ -150,14 +150,15 @@ class Int8Linear(nn.Module):
                                                self.scales.to(_COMPUTE_DTYPE))  # (B * T, out)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    def weight_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of W in float32: (end - start, in)."""
+        if self.blocks:
+            return dequantize_int8_blocks(self.weight[start:end], self.scales[start:end])
+        return self.weight[start:end].float() * self.scales[start:end].float()[:, None]
+
     def _float32_linear(self, x: torch.Tensor) -> torch.Tensor:
         """A long input: float32 GEMM on the weight dequantized a slice of rows at a time (bounded memory)."""
-        def weight_rows(start: int, end: int) -> torch.Tensor:
-            if self.blocks:
-                return dequantize_int8_blocks(self.weight[start:end], self.scales[start:end])  # (end - start, in)
-            return self.weight[start:end].float() * self.scales[start:end].float()[:, None]  # (end - start, in)
-
-        return cpu_kernels.float32_linear(x, self.out_features, weight_rows)
+        return cpu_kernels.float32_linear(x, self.out_features, self.weight_rows)
 
     def extra_repr(self) -> str:
         form = f"int8, blocks of {INT8_BLOCK}" if self.blocks else "int8"
@@ -248,6 +249,10 @@ class Int4Linear(nn.Module):
         q = q.view(p.size(0), -1, self.group_size).float()  # (rows, n_groups, g)
         sm = self.scales_and_mins[start:end].float()  # (rows, n_groups, 2)
         return (q * sm[..., :1] + sm[..., 1:]).view(p.size(0), self.in_features)  # (rows, in)
+
+    def weight_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of W in float32: (end - start, in)."""
+        return self.dequantize(start, end)
 
     def gemv_operands(self):
         """(weight, aux, group_size) as ``torch.ops.torchchat.decode_layers`` takes it (torchchat.cpu)."""
