@@ -123,8 +123,8 @@ def test_bad_input_is_one_line_before_the_weights_load(tiny_model, tmp_path, cas
 @pytest.mark.parametrize("layer", ["float", "int8 blocks", "int4"])
 def test_scoring_by_vocabulary_slices_is_the_log_softmax(monkeypatch, layer):
     """target_log_probs takes the output layer a slice of the vocabulary at a time with a running log-sum-exp: equal to
-    the log softmax of the layer's whole logits (measured 0.9-1.6e-6; a running sum not rescaled as the max grows is off by
-    2.5), targets in every slice, the last slice short."""
+    the log softmax of the layer's whole logits (measured 0.9-1.6e-6; a running sum not rescaled as the max grows is
+    off by 2.5), targets in every slice, the last slice short."""
     from torchchat.generate import scoring
     from torchchat.quantize import Int4Linear, Int8Linear
 
