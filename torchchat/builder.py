@@ -44,7 +44,7 @@ class Prepared:
 
     def __init__(self, args):
         from torchchat.chat_format import chat_format_for
-        from torchchat.checkpoint import read_model_args
+        from torchchat.checkpoint import read_model_args, weight_types
         from torchchat.tokenizer import load_tokenizer
 
         self.source = resolve_source(args)
@@ -55,7 +55,7 @@ class Prepared:
                               f"{self.model_args.vocab_size}: they do not belong together (check --tokenizer-path)")
         self.chat_format = chat_format_for(self.tokenizer, self.source)
         self.device = resolve_device(args.device)
-        self.weight_types = read_weight_types(self.source)
+        self.weight_types = weight_types(self.source)  # a GGUF's matrices by type: what it runs as by default
 
     def max_seq_len(self, args, needed: int) -> int:
         length = args.max_seq_length or min(needed, self.model_args.max_context)
@@ -65,13 +65,6 @@ class Prepared:
         if length < 2:
             raise ConfigError(f"--max-seq-length ({length}) must be at least 2")
         return length
-
-
-def read_weight_types(source) -> dict[str, int]:
-    """A GGUF's weight matrices by type, most first ({"Q4_1": 210, "Q8_0": 1}); {} for other formats."""
-    from torchchat.checkpoint import weight_types
-
-    return weight_types(source)
 
 
 def weights_dtype(args, prep: Prepared, *, one_process: bool = True) -> tuple[str, bool]:
@@ -86,9 +79,7 @@ def weights_dtype(args, prep: Prepared, *, one_process: bool = True) -> tuple[st
     types = prep.weight_types
     if any(kept_quantized(t) for t in types):
         return "fp32", one_process and prep.device == "cpu"
-    if types and set(types) == {"BF16"}:
-        return "bf16", False
-    return "fp32", False
+    return _float_dtype(types), False
 
 
 def describe_weights(types: dict[str, int]) -> str:
@@ -96,8 +87,13 @@ def describe_weights(types: dict[str, int]) -> str:
     from torchchat.checkpoint import kept_quantized
 
     if not any(kept_quantized(t) for t in types):
-        return "bf16" if types and set(types) == {"BF16"} else "fp32"
+        return _float_dtype(types)
     return ", ".join(f"{kept_quantized(t) or 'fp32'} ({t} x{n})" for t, n in types.items())
+
+
+def _float_dtype(types: dict[str, int]) -> str:
+    """The dtype a file without quantized matrices runs in by default: bf16 for a BF16 GGUF, else fp32."""
+    return "bf16" if types and set(types) == {"BF16"} else "fp32"
 
 
 def schedule_options(args) -> dict:

@@ -31,8 +31,8 @@ from torchchat.checkpoints.common import (
 from torchchat.checkpoints.gguf import kept_quantized, open_gguf
 from torchchat.model import ModelArgs, Transformer
 
-__all__ = ["CheckpointError", "expected_shapes", "gguf_weight_types", "kept_quantized", "load_model",
-           "load_state_dict", "open_gguf", "read_model_args", "weight_types"]
+__all__ = ["CheckpointError", "expected_shapes", "kept_quantized", "load_model", "load_state_dict", "open_gguf",
+           "read_model_args", "weight_types"]
 
 
 def read_model_args(source: ModelSource) -> ModelArgs:
@@ -45,11 +45,6 @@ def weight_types(source: ModelSource) -> dict[str, int]:
     """The weight matrices of a GGUF by type, most first ({"Q4_1": 210, "Q8_0": 1}); {} for other formats."""
     fmt, path = _format(source)
     return fmt.weight_types(path) if fmt is gguf_format else {}
-
-
-def gguf_weight_types(path: Path) -> dict[str, int]:
-    """``weight_types`` of a GGUF file."""
-    return gguf_format.weight_types(Path(path))
 
 
 def load_state_dict(source: ModelSource, args: ModelArgs, *, keep: Callable[[str], bool] = lambda name: True,

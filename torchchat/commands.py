@@ -147,8 +147,8 @@ def eval_on_rank(args, prep: Prepared, build, io_rank: bool) -> int:
 def cmd_list(args) -> int:
     """Every known model, with what it runs as by default (see builder.weights_dtype) where it is available."""
     from torchchat.builder import describe_weights
-    from torchchat.catalog import list_models
-    from torchchat.checkpoint import CheckpointError, gguf_weight_types
+    from torchchat.catalog import ModelSource, list_models
+    from torchchat.checkpoint import CheckpointError, weight_types
     from torchchat.model import KNOWN_MODELS
 
     rows = []
@@ -157,7 +157,8 @@ def cmd_list(args) -> int:
         runs_as = "-"
         if path is not None:
             try:
-                runs_as = describe_weights(gguf_weight_types(path) if path.suffix == ".gguf" else {})
+                gguf = path.suffix == ".gguf"
+                runs_as = describe_weights(weight_types(ModelSource(name, gguf_path=path)) if gguf else {})
             except CheckpointError:
                 runs_as = "unreadable"
         rows.append((name, a.n_layers, a.dim, f"{a.n_heads}/{a.n_kv_heads}", a.max_context, runs_as,
