@@ -120,11 +120,8 @@ def cmd_eval(args, prep: Prepared | None = None, build=build_generator, read=rea
     if not generator.is_io_rank:
         generator.follow()
         return 0
-    total = len(tokens) // window
-    every = max(1, total // 20)  # about 20 progress lines, whatever the text's length
-
     def progress(done: int, total: int, ppl: float, rate: float):
-        if done % every == 0 or done == total:
+        if done % max(1, total // 20) == 0 or done == total:  # about 20 lines, whatever the text's length
             generator.report(f"eval: {done}/{total} windows, perplexity so far {ppl:.4f}, {rate:.1f} tokens/s")
 
     try:
