@@ -241,16 +241,8 @@ class Int4Linear(nn.Module):
         return cls(embedding.packed, embedding.scales_and_mins, embedding.group_size)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Rows [start, end) of W in float32: (end - start, in). One pass in C++ where the ops are built."""
-        if self.packed.device.type == "cpu" and cpu_kernels.available():
-            return torch.ops.torchchat.dequantize_int4(self.packed[start:end], self.scales_and_mins[start:end],
-                                                       self.group_size)
-        p = self.packed[start:end]  # (rows, in / 2)
-        blocks = p.view(p.size(0), -1, 16)  # (rows, in / 32, 16)
-        q = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (rows, in / 32, 32): a block's 32 values in order
-        q = q.view(p.size(0), -1, self.group_size).float()  # (rows, n_groups, g)
-        sm = self.scales_and_mins[start:end].float()  # (rows, n_groups, 2)
-        return (q * sm[..., :1] + sm[..., 1:]).view(p.size(0), self.in_features)  # (rows, in)
+        """Rows [start, end) of W in float32: (end - start, in)."""
+        return dequantize_int4(self.packed[start:end], self.scales_and_mins[start:end], self.group_size)
 
     def weight_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of W in float32: (end - start, in)."""
@@ -304,6 +296,18 @@ class Int4PackedLinear(nn.Module):
                 f"group_size={self.group_size}")
 
 
+def dequantize_int4(packed: torch.Tensor, scales_and_mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rows in Int4Linear's layout, packed (rows, in / 2) and scales_and_mins (rows, in / g, 2), in float32:
+    (rows, in). One pass in C++ where the ops are built."""
+    if packed.device.type == "cpu" and cpu_kernels.available():
+        return torch.ops.torchchat.dequantize_int4(packed, scales_and_mins, group_size)
+    blocks = packed.view(packed.size(0), -1, 16)  # (rows, in / 32, 16)
+    q = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (rows, in / 32, 32): a block's 32 values in order
+    q = q.view(packed.size(0), -1, group_size).float()  # (rows, n_groups, g)
+    sm = scales_and_mins.float()  # (rows, n_groups, 2)
+    return (q * sm[..., :1] + sm[..., 1:]).view(packed.size(0), 2 * packed.size(1))  # (rows, in)
+
+
 class Int4Embedding(nn.Module):
     """An embedding table in Int4Linear's layout, groups of 32 (a GGUF's Q4_0/Q4_1/Q4_K token_embd.weight): row t is
     token t's embedding; ``forward(tokens)`` dequantizes the tokens' rows to float32: (..., dim), the table stays
@@ -318,8 +322,8 @@ class Int4Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)  # (N,)
-        rows = Int4Linear(self.packed[flat], self.scales_and_mins[flat], self.group_size)  # the N rows, as a table
-        return rows.dequantize().view(*tokens.shape, self.embedding_dim)  # (..., dim)
+        rows = dequantize_int4(self.packed[flat], self.scales_and_mins[flat], self.group_size)  # (N, dim)
+        return rows.view(*tokens.shape, self.embedding_dim)  # (..., dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int4, group_size={self.group_size}"
