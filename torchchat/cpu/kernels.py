@@ -34,7 +34,7 @@ import torch.utils.cpp_extension
 
 CSRC = Path(__file__).parent.parent / "csrc"  # torchchat/csrc
 # Compiled; csrc's headers are in the build's key too.
-SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp")
+SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp", CSRC / "work_pool.cpp")
 # -ffp-contract=off: a float expression is computed as written (no multiply-add fused at the compiler's choice), so a
 # row's arithmetic is the same in every kernel that inlines it: batch rows bit-identical to a batch of one.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")

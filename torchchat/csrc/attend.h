@@ -4,7 +4,7 @@
 // transformer block).
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "work_pool.h"
 #include <c10/util/Half.h>
 
 #include <immintrin.h>
@@ -157,8 +157,8 @@ struct AttendRow {
 // Every query head of every row over its positions: out = softmax(q . k^T * scale) @ v a head; query head h reads
 // cache head h / (n_heads / n_kv). T: float or c10::Half.
 //
-// Speed (flash-decoding): the work is split over torch's threads in ONE parallel region by (row, cache head, 64
-// positions), so that all threads stay busy when heads are few (SmolLM2: 3 cache heads, 2 threads) and each unit
+// Speed (flash-decoding): the work is split over the threads in ONE parallel region by (row, cache head, 64
+// positions: a chunk each, work_pool.h), so that all threads stay busy when heads are few (SmolLM2: 3 cache heads, 2 threads) and each unit
 // reads its K and V rows from memory once for all the query heads that share them (the others find them in
 // cache); each head's chunk results are merged after. The split depends on neither the thread count nor the
 // other rows, nor do a row's bits: a batch row's output equals the one-row call's.
@@ -174,7 +174,7 @@ void attend_rows(const std::vector<AttendRow<T>> &rows, int64_t n_heads, int64_t
     first_partial[b + 1] = first_partial[b] + n_heads * n_chunks * stride;
   }
   std::vector<float> partials(first_partial[n_rows]);  // per row: (n_heads, n_chunks, head_dim + 2), attend_chunk's
-  at::parallel_for(0, first_unit[n_rows], 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(first_unit[n_rows], 1, [&](int64_t begin, int64_t end) {
     float s[kAttendChunk];
     int64_t b = std::upper_bound(first_unit.begin(), first_unit.end(), begin) - first_unit.begin() - 1;
     for (int64_t unit = begin; unit < end; unit++) {

@@ -15,7 +15,6 @@
 // Returns (B, n_heads, 1, head_dim) in q's dtype; float32 math, softmax scale 1/sqrt(head_dim).
 // Built with gemv.cpp into one library by torchchat/cpu/kernels.py (see FLAGS there).
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -30,7 +30,6 @@
 // cache write rounds). rope: (B, 1, head_dim / 2, 2) float32, (cos, sin) at each row's position. input_pos: (B,)
 // int64, the rows' positions; rows: (B,) int64, distinct, the rows' cache rows (0 <= rows[b] < N).
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -120,6 +120,8 @@ at::Tensor dequantize_int4(const at::Tensor &packed, const at::Tensor &scales_an
   const uint8_t *qp = packed.data_ptr<uint8_t>();
   const c10::Half *smp = scales_and_mins.data_ptr<c10::Half>();
   float *wp = w.data_ptr<float>();
+  // torch's threads, not the pool: torch's GEMM runs next, on them (work_pool.h's workers would wait for cores that
+  // OpenMP's threads are spinning on between the two)
   at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; o++) {
       const uint8_t *q = qp + o * (n_in / 2);

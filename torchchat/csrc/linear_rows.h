@@ -3,10 +3,10 @@
 // and decode_layers.cpp (a block's products, for every sequence of the batch).
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 
 #include "gemv_rows.h"
+#include "work_pool.h"
 
 #include <algorithm>
 #include <array>
@@ -16,7 +16,10 @@
 
 namespace torchchat_cpu {
 
-constexpr int64_t kGrainRows = 64;  // weight rows per thread at least: tiny matrices stay on one thread
+// Weight bytes a chunk of rows reads at least (work_pool.h: chunks are claimed one at a time). Small enough that a
+// SmolLM2 projection is 10-70 chunks (threads that run share it evenly, one that stalls holds up little), large
+// enough that the claim (one atomic on a shared line) is a small part of it; at least kMinChunkRows rows.
+constexpr int64_t kChunkBytes = 32 * 1024, kMinChunkRows = 8, kMaxChunksPerRegion = 256;
 
 // f<2>(r) for r = 0, 2, 4, ..., then f<1>(n - 1) if n is odd: the x rows of a weight row, as many at a time as
 // the row kernels take. f: a lambda [&]<int R>(int64_t r).
@@ -45,6 +48,16 @@ struct LinearWeight {
   int64_t group_size = 0;                       // 4-bit only
   int64_t n_out = 0, n_in = 0;
   const c10::Half *block_scales = nullptr;      // int8 blocks (llama.cpp's Q8_0): (out, in / 32)
+
+  // Bytes of one weight row and its scales.
+  int64_t row_bytes() const {
+    switch (dtype) {
+      case at::kFloat: return 4 * n_in;
+      case at::kBFloat16: return 2 * n_in;
+      case at::kChar: return n_in + (block_scales ? n_in / 16 : 4);
+      default: return n_in / 2 + 4 * (n_in / group_size);
+    }
+  }
 
   // How the weight reads x in int8 blocks (quantize_row), if it does: 4-bit weights.
   BlockForm block_form() const {
@@ -113,7 +126,7 @@ struct Product {
 };
 
 // out_i = x W_i^T for R rows of x (row r at x + r * x_stride, n_in values) and weights that share them: every row
-// of every product is split over torch's threads in ONE parallel region, and each x row is quantized once per
+// of every product is split over the threads in ONE parallel region (chunks of rows: work_pool.h), and each x row is quantized once per
 // BlockForm among them (4-bit group sizes), and once to int16 if any weight is int8 (either form).
 // A row's outputs are bit-identical whatever R (gemv_rows.h), and do not depend on the thread count (a thread
 // computes whole outputs).
@@ -141,9 +154,11 @@ void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array
   std::vector<Int16Row> x16;
   if (any_int16)
     for (int64_t r = 0; r < n_rows; r++) x16.push_back(quantize_row_int16(x + r * x_stride, n_in));
-  int64_t total = 0;
-  for (const Product &p : products) total += p.weight->n_out;
-  at::parallel_for(0, total, kGrainRows, [&](int64_t begin, int64_t end) {
+  int64_t total = 0, row_bytes = 1;
+  for (const Product &p : products) total += p.weight->n_out, row_bytes = std::max(row_bytes, p.weight->row_bytes());
+  // at least kChunkBytes a chunk, and at most kMaxChunksPerRegion chunks (a claim costs ~20 ns)
+  const int64_t chunk_rows = std::max({kMinChunkRows, kChunkBytes / row_bytes, total / kMaxChunksPerRegion});
+  parallel_chunks(total, chunk_rows, [&](int64_t begin, int64_t end) {
     int64_t first_row = 0;  // of products[i] in [0, total)
     for (size_t i = 0; i < N; i++) {
       const LinearWeight &w = *products[i].weight;

@@ -1,0 +1,123 @@
+"""The kernels' thread pool (torchchat/csrc/work_pool.h): chunks claimed by whichever thread runs, so the bits do not
+depend on the thread count or on a thread that starts late, and a late thread holds nobody up. No timing is asserted:
+a late thread is made with the pool's testing knob (a worker sleeps before it claims)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_decode_layers import BATCH_ARGS, CACHE_ROWS, random_caches, random_model, scrambled_step
+from torchchat import cpu as cpu_kernels
+from torchchat.quantize import Int4Linear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built")
+
+LATE_US = 300_000  # a late worker's sleep before it claims: far longer than any call below takes
+
+
+def pool_counts() -> dict[str, int]:
+    regions, caller, worker, wait_ns, sleeps, solo = torch.ops.torchchat.work_pool_counts()
+    return {"regions": regions, "caller_chunks": caller, "worker_chunks": worker, "solo_regions": solo}
+
+
+@pytest.fixture()
+def pool():
+    """Restores torch's thread count and the pool's knob after the test; counts and the judgement from zero."""
+    before = torch.get_num_threads()
+    torch.ops.torchchat.work_pool_reset()
+    yield
+    torch.ops.torchchat.work_pool_worker_delay(0)
+    torch.set_num_threads(before)
+
+
+def runs(threads: int, fn, late_us: int = 0):
+    """fn() with torch's (and so the pool's) thread count at `threads`, each worker late by late_us."""
+    torch.set_num_threads(threads)
+    torch.ops.torchchat.work_pool_worker_delay(late_us)
+    try:
+        return fn()
+    finally:
+        torch.ops.torchchat.work_pool_worker_delay(0)
+
+
+SETTINGS = [(2, 0), (3, 0), (2, 40), (3, LATE_US)]  # (threads, each worker late by us)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8-blocks", "int4"])
+def test_decode_layers_same_bits_whatever_the_threads(weights, pool):
+    """A batch step through every block (the linears' row chunks and the attention's units on the pool): outputs and
+    cache writes bit-identical on 1, 2 and 3 threads, with workers a little late and with workers that come after
+    the call is over."""
+    model = random_model(BATCH_ARGS, weights, cache_dtype=torch.float16, max_batch=CACHE_ROWS)
+    with torch.no_grad():
+        random_caches(model)
+        start = [t.clone() for t in model.buffers()]
+        h, rope, positions, rows = scrambled_step(model, 3, seed=1)
+
+        def step():
+            for t, value in zip(model.buffers(), start):
+                t.copy_(value)
+            out = cpu_kernels.decode_layers(model, h, rope, positions, rows)  # (3, 1, dim)
+            return out, [t.clone() for t in model.buffers()]
+
+        reference, reference_buffers = runs(1, step)
+        for threads, late_us in SETTINGS:
+            out, buffers = runs(threads, step, late_us)
+            assert torch.equal(out, reference), f"{threads} threads, workers late by {late_us} us"
+            assert all(torch.equal(a, b) for a, b in zip(buffers, reference_buffers)), f"{threads} threads: caches"
+
+
+def test_gemv_same_bits_whatever_the_threads(pool):
+    """The row kernels of every weight type, on a matrix of many chunks (a SmolLM2-sized output layer's rows)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 576)
+    weight = torch.randn(4096, 576)
+    int4 = Int4Linear.from_linear(torch.nn.Linear(576, 4096, bias=False), 32)
+    products = {"fp32": lambda: torch.ops.torchchat.gemv(x, weight),
+                "bf16": lambda: torch.ops.torchchat.gemv(x.bfloat16(), weight.bfloat16()),
+                "int4": lambda: torch.ops.torchchat.gemv_int4(x, int4.packed, int4.scales_and_mins, 32)}
+    for name, product in products.items():
+        reference = runs(1, product)
+        for threads, late_us in SETTINGS:
+            assert torch.equal(runs(threads, product, late_us), reference), f"{name}: {threads} threads, {late_us} us"
+
+
+def test_a_late_worker_holds_nobody_up(pool):
+    """Workers that only wake after the call is over: the caller claims and computes every chunk itself and the
+    call returns (with OpenMP's static blocks it would wait for the late thread's block)."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 576), torch.randn(4096, 576)
+    reference = runs(1, lambda: torch.ops.torchchat.gemv(x, weight))
+    torch.ops.torchchat.work_pool_reset()
+    out = runs(2, lambda: torch.ops.torchchat.gemv(x, weight), LATE_US)
+    counts = pool_counts()
+    assert torch.equal(out, reference)
+    assert counts["regions"] == 1 and counts["caller_chunks"] > 1 and counts["worker_chunks"] == 0, counts
+
+
+def test_workers_that_do_not_help_are_left_asleep(pool):
+    """Never worse than one thread: regions in which the workers compute (almost) nothing, window after window, make
+    the pool run the next ones on the caller alone (solo regions), then try the workers again."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 576), torch.randn(1024, 576)
+
+    def many():
+        return [torch.ops.torchchat.gemv(x, weight) for _ in range(400)]
+
+    outs = runs(2, many, LATE_US)
+    counts = pool_counts()
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    assert counts["worker_chunks"] == 0, counts
+    assert counts["solo_regions"] > 0 and counts["regions"] + counts["solo_regions"] == 400, counts
+    assert counts["regions"] >= 128, counts  # two windows of 64 regions judged before the first solo one
+
+
+def test_the_pool_follows_torchs_thread_count(pool):
+    """One thread: every region runs on the caller, serially (no region is published to workers)."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 576), torch.randn(4096, 576)
+    runs(1, lambda: torch.ops.torchchat.gemv(x, weight))
+    assert pool_counts()["regions"] == 0
+    runs(2, lambda: torch.ops.torchchat.gemv(x, weight))
+    assert pool_counts()["regions"] == 1
