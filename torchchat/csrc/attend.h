@@ -158,10 +158,10 @@ struct AttendRow {
 // cache head h / (n_heads / n_kv). T: float or c10::Half.
 //
 // Speed (flash-decoding): the work is split over the threads in ONE parallel region by (row, cache head, 64
-// positions: a chunk each, work_pool.h), so that all threads stay busy when heads are few (SmolLM2: 3 cache heads, 2 threads) and each unit
-// reads its K and V rows from memory once for all the query heads that share them (the others find them in
-// cache); each head's chunk results are merged after. The split depends on neither the thread count nor the
-// other rows, nor do a row's bits: a batch row's output equals the one-row call's.
+// positions: a chunk each, work_pool.h), so that all threads stay busy when heads are few (SmolLM2: 3 cache heads,
+// 2 threads) and each unit reads its K and V rows from memory once for all the query heads that share them (the
+// others find them in cache); each head's chunk results are merged after. The split depends on neither the thread
+// count nor the other rows, nor do a row's bits: a batch row's output equals the one-row call's.
 template <typename T>
 void attend_rows(const std::vector<AttendRow<T>> &rows, int64_t n_heads, int64_t n_kv, int64_t max_len,
                  int64_t head_dim, float scale) {

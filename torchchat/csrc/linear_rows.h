@@ -18,7 +18,7 @@ namespace torchchat_cpu {
 
 // Weight bytes a chunk of rows reads at least (work_pool.h: chunks are claimed one at a time). Small enough that a
 // SmolLM2 projection is 10-70 chunks (threads that run share it evenly, one that stalls holds up little), large
-// enough that the claim (one atomic on a shared line) is a small part of it; at least kMinChunkRows rows.
+// enough that the claim (a compare-and-swap, ~20 ns) is a small part of it; at least kMinChunkRows rows.
 constexpr int64_t kChunkBytes = 32 * 1024, kMinChunkRows = 8, kMaxChunksPerRegion = 256;
 
 // f<2>(r) for r = 0, 2, 4, ..., then f<1>(n - 1) if n is odd: the x rows of a weight row, as many at a time as
@@ -126,8 +126,9 @@ struct Product {
 };
 
 // out_i = x W_i^T for R rows of x (row r at x + r * x_stride, n_in values) and weights that share them: every row
-// of every product is split over the threads in ONE parallel region (chunks of rows: work_pool.h), and each x row is quantized once per
-// BlockForm among them (4-bit group sizes), and once to int16 if any weight is int8 (either form).
+// of every product is split over the threads in ONE parallel region (chunks of rows: work_pool.h), and each x row
+// is quantized once per BlockForm among them (4-bit group sizes), and once to int16 if any weight is int8 (either
+// form).
 // A row's outputs are bit-identical whatever R (gemv_rows.h), and do not depend on the thread count (a thread
 // computes whole outputs).
 template <size_t N>

@@ -1,7 +1,7 @@
 // The pool's counters and its testing knob as ops (work_pool.h):
-//   torch.ops.torchchat.work_pool_counts() -> [regions, caller_chunks, worker_chunks] since the last reset;
+//   torch.ops.torchchat.work_pool_counts() -> [regions, caller_chunks, worker_chunks, caller_wait_ns, caller_sleeps,
+//   solo_regions] since the last reset (PoolCounts);
 //   torch.ops.torchchat.work_pool_reset(): counts from zero, workers judged afresh (work_pool.h: WorkPool::judge);
-//   torch.ops.torchchat.work_pool_set_threads(n): threads a region uses, 0 (the default) for torch's thread count;
 //   torch.ops.torchchat.work_pool_worker_delay(us): each worker sleeps us microseconds after seeing a region, before
 //   it claims (tests: a thread that starts late; 0 to stop).
 
@@ -22,8 +22,6 @@ std::vector<int64_t> work_pool_counts() {
 
 void work_pool_reset() { work_pool().reset(); }
 
-void work_pool_set_threads(int64_t threads) { work_pool().set_threads(static_cast<int>(threads)); }
-
 void work_pool_worker_delay(int64_t us) { work_pool().set_worker_delay_us(us); }
 
 }  // namespace
@@ -31,6 +29,5 @@ void work_pool_worker_delay(int64_t us) { work_pool().set_worker_delay_us(us); }
 TORCH_LIBRARY_FRAGMENT(torchchat, m) {  // no tensor arguments: one kernel for every dispatch key
   m.def("work_pool_counts() -> int[]", &work_pool_counts);
   m.def("work_pool_reset() -> ()", &work_pool_reset);
-  m.def("work_pool_set_threads(int threads) -> ()", &work_pool_set_threads);
   m.def("work_pool_worker_delay(int us) -> ()", &work_pool_worker_delay);
 }

@@ -5,13 +5,14 @@
 // (150 a SmolLM2 token). With OpenMP's static blocks a thread the OS has descheduled holds its block, and every
 // other thread spins at the region's end until it runs again: with one CPU hog beside two threads on two cores,
 // SmolLM2 kept 0.18-0.24 of its quiet speed, less than one thread alone. Here:
-// - work is claimed dynamically (a compare-and-swap on one word), so a thread that runs takes more chunks and one
-//   that does not claims nothing: with every worker descheduled the caller computes the whole region itself, as
-//   one thread would ("never worse than one thread");
+// - work is claimed dynamically (a compare-and-swap on a word a block: WorkPool::run), so a thread that runs takes
+//   more chunks and one that does not claims nothing: with every worker descheduled the caller computes the whole
+//   region itself, as one thread would ("never worse than one thread");
 // - a worker waits for the next region spinning at most kWorkerSpinNs (the gaps between a token's regions are
-//   microseconds; between tokens it sleeps), then sleeps on a futex; the caller, once no chunk is left to claim,
-//   spins at most kCallerSpinNs for the chunks still running, then sleeps until the last one ends. Nobody spins
-//   against a thread that is waiting for its core.
+//   microseconds, between tokens ~100 us; an idle generator's workers sleep), then sleeps on a futex; the caller,
+//   once no chunk is left to claim, spins at most kCallerSpinNs for the chunks still running, then sleeps until
+//   the last one ends. Past a few hundred rounds a spin yields the core: nobody spins against a thread that is
+//   waiting for it.
 // - the caller wakes sleeping workers with one futex call, only when some sleep.
 // Results do not depend on which thread computes a chunk, nor on the chunk size: every kernel computes whole
 // outputs in a chunk (gemv_rows.h, attend.h), so the bits are the same with any number of threads.
@@ -39,7 +40,6 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
-#include <vector>
 
 namespace torchchat_cpu {
 
@@ -63,16 +63,16 @@ inline int64_t now_ns() {
 // runnable on it: the thread this one waits for, or another process.
 constexpr int kPauseSpins = 256;
 template <typename Ready>
-inline bool spin_until(Ready &&ready, int64_t max_ns, bool yield = true) {
+inline bool spin_until(Ready &&ready, int64_t max_ns) {
   if (ready()) return true;
   const int64_t start = now_ns();
   for (int i = 1;; i++) {
-    if (i < kPauseSpins || !yield)
+    if (i < kPauseSpins)
       _mm_pause();
     else
       sched_yield();
     if (ready()) return true;
-    if ((i < kPauseSpins || !yield ? (i & 63) == 0 : true) && now_ns() - start > max_ns) return false;
+    if ((i >= kPauseSpins || (i & 63) == 0) && now_ns() - start > max_ns) return false;
   }
 }
 
@@ -87,35 +87,33 @@ using ChunkFn = void (*)(void *context, int64_t begin, int64_t end);
 // threads and by workers (tests and benchmarks read them: torch.ops.torchchat.work_pool_counts).
 struct PoolCounts {
   int64_t regions = 0, caller_chunks = 0, worker_chunks = 0;
-  int64_t caller_wait_ns = 0, caller_sleeps = 0;
-  int64_t solo_regions = 0;  // run by the caller alone because the workers were not helping (WorkPool::judge)  // the caller's waits for chunks still running, and futex sleeps
+  int64_t caller_wait_ns = 0, caller_sleeps = 0;  // the caller's waits for chunks still running, and futex sleeps
+  int64_t solo_regions = 0;  // run by the caller alone because the workers were not helping (WorkPool::judge)
 };
 
 class WorkPool {
  public:
-  // How long a worker spins for the next region after a region of a decode step, before it sleeps: the gaps between
-  // a step's regions are microseconds, between two steps (sampling, Python) ~100 us. A region that is not followed
-  // by another soon (a prompt's weight conversion, before torch's GEMM on its own OpenMP threads) asks for 0.
+  // How long a worker waits for the next region before it sleeps: the gaps between a step's regions are
+  // microseconds, between two steps (sampling, Python) ~100 us or more. Past the first kPauseSpins rounds the wait
+  // yields the core, so it costs a busy machine little; an idle generator's workers are asleep within 2 ms.
   static constexpr int64_t kWorkerSpinNs = 2'000'000;
   static constexpr int64_t kCallerSpinNs = 20'000;   // the caller's wait for running chunks before it sleeps
   static constexpr int64_t kMaxChunks = 0xFFFF;      // a region's chunks (16 bits of a claim word)
   static constexpr int kMaxBlocks = 64;              // threads that own a block; more only steal
 
   // fn over [0, n) in chunks of `chunk` (made larger where there would be more than kMaxChunks); returns when
-  // every chunk has run; the workers then wait for the next region spinning at most spin_after_ns before they
-  // sleep. One region at a time: callers are serialized.
+  // every chunk has run. One region at a time: callers are serialized.
   //
   // The chunks are dealt in contiguous blocks, one a thread (the caller's first), as OpenMP's static split: a
   // thread streams its own block front to back, claiming each chunk with an atomic on a cache line of its own (no
   // other thread touches it unless it steals; the hardware prefetcher sees one stream a thread). A thread whose
   // block is done steals the others' chunks from their back ends, one at a time, so a block whose owner is late
   // (descheduled, or not yet awake) is finished by whoever runs.
-  void run(int64_t n, int64_t chunk, ChunkFn fn, void *context, int64_t spin_after_ns) {
+  void run(int64_t n, int64_t chunk, ChunkFn fn, void *context) {
     if (n <= 0) return;
     chunk = std::max<int64_t>({chunk, 1, (n + kMaxChunks - 1) / kMaxChunks});
     const int64_t total = (n + chunk - 1) / chunk;
-    const int threads = threads_.load(std::memory_order_relaxed) > 0 ? threads_.load(std::memory_order_relaxed)
-                                                                      : at::get_num_threads();
+    const int threads = at::get_num_threads();
     if (total == 1 || threads <= 1 || pool_detail::in_worker || at::in_parallel_region()) {
       fn(context, 0, n);
       return;
@@ -132,7 +130,6 @@ class WorkPool {
     const int blocks = static_cast<int>(std::min<int64_t>({total, threads, kMaxBlocks}));
     blocks_.store(blocks, std::memory_order_relaxed);
     total_.store(static_cast<uint32_t>(total), std::memory_order_relaxed);
-    spin_after_ns_.store(spin_after_ns, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     const uint32_t g = ++generation_count_;
     for (int b = 0; b < blocks; b++) {  // block b: chunks [front, back)
@@ -187,9 +184,6 @@ class WorkPool {
     counts_ = {};
     worker_chunks_.store(0, std::memory_order_relaxed);
   }
-
-  // Threads a region uses (the caller and threads - 1 workers); 0: torch's thread count (torch.set_num_threads).
-  void set_threads(int threads) { threads_.store(std::max(threads, 0), std::memory_order_relaxed); }
 
   // Testing: each worker sleeps this long after seeing a region before it claims (a thread that starts late).
   void set_worker_delay_us(int64_t us) { worker_delay_us_.store(us, std::memory_order_relaxed); }
@@ -262,7 +256,7 @@ class WorkPool {
     for (;;) {
       const bool active = index < active_workers_.load(std::memory_order_relaxed);
       auto next_region = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-      if (!active || !pool_detail::spin_until(next_region, spin_after_ns_.load(std::memory_order_relaxed))) {
+      if (!active || !pool_detail::spin_until(next_region, kWorkerSpinNs)) {
         sleepers_.fetch_add(1, std::memory_order_seq_cst);
         while (generation_.load(std::memory_order_seq_cst) == seen) pool_detail::futex_wait(&generation_, seen);
         sleepers_.fetch_sub(1, std::memory_order_relaxed);
@@ -283,7 +277,6 @@ class WorkPool {
   void *context_ = nullptr;
   std::atomic<int> blocks_{0};        // blocks of the last region (claims_[0 .. blocks_))
   std::atomic<uint32_t> total_{0};    // its chunks
-  std::atomic<int64_t> spin_after_ns_{0};
 
   Claim claims_[kMaxBlocks];
   std::atomic<uint32_t> generation_{0};    // the last region's number; workers futex-wait on it
@@ -291,7 +284,6 @@ class WorkPool {
   std::atomic<uint32_t> sleepers_{0};      // workers asleep on generation_
   std::atomic<uint32_t> caller_waiting_{0};
   std::atomic<int> active_workers_{0};
-  std::atomic<int> threads_{0};
 
   std::atomic<int64_t> worker_delay_us_{0};
   std::atomic<int64_t> worker_chunks_{0};
@@ -322,12 +314,13 @@ inline WorkPool &work_pool() {
 }
 
 // f(begin, end) over [0, n) in chunks of `chunk` (the last may be shorter), on the pool: see the file's header.
-// spin_after_ns: how long the workers then spin waiting for the next region (WorkPool::kWorkerSpinNs).
 template <typename F>
-void parallel_chunks(int64_t n, int64_t chunk, F &&f, int64_t spin_after_ns = WorkPool::kWorkerSpinNs) {
+void parallel_chunks(int64_t n, int64_t chunk, F &&f) {
   using Fn = std::remove_reference_t<F>;
-  work_pool().run(n, chunk, [](void *context, int64_t begin, int64_t end) { (*static_cast<Fn *>(context))(begin, end); },
-                  const_cast<void *>(static_cast<const void *>(&f)), spin_after_ns);
+  const ChunkFn run_chunk = [](void *context, int64_t begin, int64_t end) {
+    (*static_cast<Fn *>(context))(begin, end);
+  };
+  work_pool().run(n, chunk, run_chunk, const_cast<void *>(static_cast<const void *>(&f)));
 }
 
 }  // namespace torchchat_cpu
