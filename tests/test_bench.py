@@ -14,18 +14,20 @@ BENCH = ROOT / "benchmarks" / "bench.py"
 KEYS = ("engine", "model", "dtype", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
 sys.path.insert(0, str(BENCH.parent))  # benchlib, as bench.py finds it when run as a script
 
-from benchlib.cases import Result  # noqa: E402
+from benchlib.cases import Case, Result, Workload  # noqa: E402
+from benchlib.hogs import SPIN, cpu_hogs  # noqa: E402
 from benchlib.llama_cpp_engine import gguf_type, parse_llama_bench  # noqa: E402
 from benchlib.report import agreement, annotate  # noqa: E402
-from benchlib.runner import merge  # noqa: E402
+from benchlib.runner import conditions, merge, worker_environ  # noqa: E402
 from benchlib.transformers_engine import to_hf_state_dict  # noqa: E402
 from benchlib.weights import random_state_dict  # noqa: E402
 from tests.ci import import_or_skip_outside_ci  # noqa: E402
 
 
 def test_quick_run_writes_well_formed_json(tmp_path):
+    """--quick --busy 1: every case quiet and then beside a CPU hog, which is gone when the run is."""
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--busy", "1", "--json", str(out)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
@@ -37,10 +39,13 @@ def test_quick_run_writes_well_formed_json(tmp_path):
             assert isinstance(row[key], float) and row[key] > 0, f"{key} = {row[key]!r} in {row['engine']} row"
         assert row["model"] == "tiny" and row["new_tokens"] == 8 and len(row["tokens"]) == 8
     assert rows[0]["engine"] == "torchchat" and rows[0]["dtype"] == "fp32"
+    assert [r["busy"] for r in rows[:2]] == [0, 1] and "kept" not in rows[0] and rows[1]["kept"] > 0
     if importlib.util.find_spec("transformers") is not None:
-        hf, = (r for r in rows if r["engine"] == "transformers")
+        hf, hf_busy = (r for r in rows if r["engine"] == "transformers")
         assert 0 <= hf["agree_vs_fp32"] <= 1 and rows[0]["decode_vs_hf"] > 0
-    assert "decode/s" in proc.stdout  # the table
+        assert hf_busy["busy"] == 1 and rows[1]["decode_vs_hf"] == rows[1]["decode_tok_s"] / hf_busy["decode_tok_s"]
+    assert "decode/s" in proc.stdout and "kept" in proc.stdout  # the table
+    assert not _processes_running(SPIN)
 
 
 def test_hf_names_and_rotary_layout_round_trip():
@@ -142,3 +147,53 @@ def test_interleaved_rounds_merge_into_medians_with_or_without_per_run_figures()
     merged = merge(peer)
     assert (merged.prefill_tok_s, merged.decode_tok_s, merged.peak_rss_mb) == (200.0, 40.0, 600.0)
     assert len(merged.runs) == 3
+
+
+def _processes_running(command_line: str) -> list[int]:
+    """Pids whose command line contains ``command_line``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and command_line in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def test_cpu_hogs_spin_while_the_block_runs_and_are_killed_after_it_even_on_error():
+    with pytest.raises(RuntimeError, match="the measurement failed"):
+        with cpu_hogs(2) as procs:
+            assert len(procs) == 2 and all(p.poll() is None for p in procs)
+            pids = [p.pid for p in procs]
+            assert set(pids) <= set(_processes_running(SPIN))
+            raise RuntimeError("the measurement failed")
+    assert all(p.returncode is not None for p in procs)
+    assert not set(pids) & set(_processes_running(SPIN))
+
+
+def test_busy_rows_are_compared_with_their_quiet_row_and_with_peers_beside_the_same_hogs():
+    def result(engine, dtype, setting, decode, busy):
+        return Result(engine, "smollm2-135m", dtype, setting, decode_tok_s=decode, busy=busy)
+
+    rows = annotate([result("torchchat", "fp32", "fp32", 40.0, 0), result("torchchat", "fp32", "fp32", 30.0, 1),
+                     result("llama.cpp", "F32", "F32", 20.0, 0), result("llama.cpp", "F32", "F32", 5.0, 1),
+                     result("transformers", "fp32", "fp32", 10.0, 0), result("transformers", "fp32", "fp32", 2.0, 1)])
+    assert [r.get("kept") for r in rows] == [None, 0.75, None, 0.25, None, 0.2]
+    assert [r.get("decode_vs_llama_cpp") for r in rows[:2]] == [2.0, 6.0]
+    assert [r.get("decode_vs_hf") for r in rows[:2]] == [4.0, 15.0]
+    assert [w.busy for w in conditions(Workload(), 3)] == [0, 3] and [w.busy for w in conditions(Workload(), 0)] == [0]
+
+
+def test_torchchat_workers_get_the_openmp_wait_a_user_run_gets_and_the_users_choice_wins(monkeypatch):
+    """The worker imports torch (which loads libgomp and reads GOMP_SPINCOUNT once) before torchchat, so the
+    parent sets what ``import torchchat`` sets for a user's `torchchat.py` run; other engines keep OpenMP's own."""
+    from torchchat import OPENMP_DEFAULTS
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    ours, hf = Case("torchchat", "m", "fp32"), Case("transformers", "m", "fp32")
+    assert worker_environ(ours, Workload())["GOMP_SPINCOUNT"] == OPENMP_DEFAULTS["GOMP_SPINCOUNT"]
+    assert "GOMP_SPINCOUNT" not in worker_environ(hf, Workload())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert "GOMP_SPINCOUNT" not in worker_environ(ours, Workload())

@@ -4,6 +4,8 @@ a late thread is made with the pool's testing knob (a worker sleeps before it cl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,3 +123,22 @@ def test_the_pool_follows_torchs_thread_count(pool):
     assert pool_counts()["regions"] == 0
     runs(2, lambda: torch.ops.torchchat.gemv(x, weight))
     assert pool_counts()["regions"] == 1
+
+
+@pytest.mark.parametrize("user_env, expected", [({}, "10000 10000"), ({"GOMP_SPINCOUNT": "5"}, "5 5"),
+                                                ({"OMP_WAIT_POLICY": "passive"}, "None None")])
+def test_importing_torchchat_sets_openmps_wait_before_torch_loads_unless_the_user_chose_one(user_env, expected):
+    """torch's own threads (the prompt's GEMMs) spin ~1 ms at each wait unless told otherwise, and libgomp reads the
+    setting once, when torch loads it: the package sets it first, and self-launched ranks inherit it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import torchchat; assert 'torch' not in sys.modules; "
+            "from torchchat.launch.spawn import worker_environ; "
+            "print(os.environ.get('GOMP_SPINCOUNT'), worker_environ(1, 2, 29500).get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | user_env
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == expected

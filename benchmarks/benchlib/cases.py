@@ -33,6 +33,7 @@ class Workload:
     threads: int = 2
     bandwidth_gbs: float = 33.0
     llama_cpp: str | None = None  # llama-bench's path
+    busy: int = 0  # CPU hogs running beside the engine for the whole subprocess (bench.py --busy)
 
 
 @dataclass
@@ -54,4 +55,5 @@ class Result:
     new_tokens: int = 0
     runs: list = field(default_factory=list)  # per run: [ttft_s, prefill_tok_s, decode_tok_s]
     tokens: list = field(default_factory=list)  # greedy tokens of the first run
+    busy: int = 0  # CPU hogs that ran beside it
     note: str = ""

@@ -20,18 +20,24 @@ def agreement(a: list[int], b: list[int]) -> tuple[float, int]:
 
 def annotate(results: list[Result]) -> list[dict]:
     """Rows for the table and the JSON: ratios against transformers of the same model and dtype, and
-    greedy agreement against torchchat fp32 eager (the reference) of the same model."""
+    greedy agreement against torchchat fp32 eager (the reference) of the same model, each among the runs
+    with the same number of CPU hogs; beside hogs, ``kept``: the decode speed over the same case's quiet one."""
     rows = []
     for r in results:
         row = asdict(r)
-        peer = next((p for p in results if p.engine == "transformers" and p.model == r.model
+        same_load = [p for p in results if p.busy == r.busy]
+        peer = next((p for p in same_load if p.engine == "transformers" and p.model == r.model
                      and p.dtype == r.dtype), None)
-        ref = next((p for p in results if p.engine == "torchchat" and p.model == r.model
+        ref = next((p for p in same_load if p.engine == "torchchat" and p.model == r.model
                     and p.setting == "fp32"), None)
+        quiet = next((p for p in results if not p.busy and (p.engine, p.model, p.setting) == (r.engine, r.model,
+                                                                                               r.setting)), None)
+        if r.busy and quiet is not None and quiet.decode_tok_s:
+            row["kept"] = r.decode_tok_s / quiet.decode_tok_s
         if peer is not None and r.engine == "torchchat":
             row["decode_vs_hf"] = r.decode_tok_s / peer.decode_tok_s if peer.decode_tok_s else None
             row["prefill_vs_hf"] = r.prefill_tok_s / peer.prefill_tok_s if peer.prefill_tok_s else None
-        lcpp = next((p for p in results if p.engine == "llama.cpp" and p.model == r.model
+        lcpp = next((p for p in same_load if p.engine == "llama.cpp" and p.model == r.model
                      and p.dtype == LLAMA_CPP_TYPES.get(r.setting.split(" compile")[0])), None)
         if lcpp is not None and r.engine == "torchchat" and lcpp.decode_tok_s:
             row["decode_vs_llama_cpp"] = r.decode_tok_s / lcpp.decode_tok_s
@@ -49,6 +55,8 @@ COLUMNS = [  # (title, width, cell)
     ("engine", 13, lambda r: r["engine"]),
     ("model", 14, lambda r: r["model"]),
     ("setting", 19, lambda r: r["setting"]),
+    ("hogs", 4, lambda r: str(r.get("busy", 0))),
+    ("kept", 5, lambda r: f"{r['kept']:.2f}" if r.get("kept") is not None else "-"),
     ("TTFT s", 8, lambda r: f"{r['ttft_s']:.3f}"),
     ("prefill/s", 10, lambda r: f"{r['prefill_tok_s']:.1f}"),
     ("decode/s", 9, lambda r: f"{r['decode_tok_s']:.2f}"),
@@ -64,22 +72,33 @@ COLUMNS = [  # (title, width, cell)
 ]
 
 
+BUSY_COLUMNS = ("hogs", "kept")  # shown only when some row ran beside CPU hogs
+
+
 def _is_reference(row: dict) -> bool:
     return row["engine"] == "torchchat" and row["setting"] == "fp32"
 
 
+def columns(rows: list[dict]) -> list:
+    busy = any(r.get("busy") for r in rows)
+    return [c for c in COLUMNS if busy or c[0] not in BUSY_COLUMNS]
+
+
 def print_table(rows: list[dict], out=sys.stdout):
     """One line per row; the first three columns left-aligned, the figures right-aligned."""
+    cols = columns(rows)
+
     def line(cells):
-        return " ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
-    print(line([title for title, _, _ in COLUMNS]), file=out)
+        return " ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, (_, w, _)) in enumerate(zip(cells, cols)))
+    print(line([title for title, _, _ in cols]), file=out)
     for r in rows:
-        print(line([cell(r) for _, _, cell in COLUMNS]), file=out)
+        print(line([cell(r) for _, _, cell in cols]), file=out)
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The same table in Markdown, for docs/performance.md."""
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
-    lines += ["| " + " | ".join(cell(r) for _, _, cell in COLUMNS) + " |" for r in rows]
+    cols = columns(rows)
+    lines = ["| " + " | ".join(title for title, _, _ in cols) + " |",
+             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(cols))) + "|"]
+    lines += ["| " + " | ".join(cell(r) for _, _, cell in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchlib.cases import Case, Result, Workload
+from benchlib.hogs import cpu_hogs
 from benchlib.llama_cpp_engine import run_llama_cpp
 from benchlib.torchchat_engine import run_torchchat
 from benchlib.transformers_engine import run_transformers
@@ -44,51 +45,74 @@ def worker_main(spec: str) -> int:
 # The parent: one subprocess per case
 
 
-def run_case(case: Case, w: Workload, timeout: float) -> Result | None:
-    spec = json.dumps({"case": asdict(case), "workload": asdict(w)})
+def worker_environ(case: Case, w: Workload) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(w.threads), MKL_NUM_THREADS=str(w.threads),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    if case.engine == "torchchat":
+        # The worker loads torch (and libgomp, which reads its wait once) before it imports torchchat, whose
+        # import would set OpenMP's wait as it does for `torchchat.py`: set it here, as a user's run has it.
+        from torchchat import set_openmp_defaults
+
+        set_openmp_defaults(env)
+    return env
+
+
+def run_case(case: Case, w: Workload, timeout: float) -> Result | None:
+    """``case`` in a fresh subprocess, with ``w.busy`` CPU hogs running for all of it."""
+    spec = json.dumps({"case": asdict(case), "workload": asdict(w)})
     try:
-        proc = subprocess.run([sys.executable, str(ENTRY_POINT), "--worker", spec], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        with cpu_hogs(w.busy):
+            proc = subprocess.run([sys.executable, str(ENTRY_POINT), "--worker", spec], capture_output=True,
+                                  text=True, env=worker_environ(case, w), timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"  {case.engine} {case.model} {case.setting}: timed out after {timeout:.0f} s", file=sys.stderr)
+        print(f"  {case.engine} {case.model} {case.setting}{_busy(w.busy)}: timed out after {timeout:.0f} s",
+              file=sys.stderr)
         return None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n    ".join(proc.stderr.strip().splitlines()[-8:])
-        print(f"  {case.engine} {case.model} {case.setting}: failed (exit {proc.returncode})\n    {tail}",
-              file=sys.stderr)
+        print(f"  {case.engine} {case.model} {case.setting}{_busy(w.busy)}: failed (exit {proc.returncode})\n"
+              f"    {tail}", file=sys.stderr)
         return None
-    return Result(**json.loads(lines[-1][len("RESULT "):]))
+    result = Result(**json.loads(lines[-1][len("RESULT "):]))
+    result.busy = w.busy
+    return result
 
 
-def run_all(cases: list[Case], w: Workload, timeout: float) -> list[Result]:
-    """Each case in one subprocess: warm-up, then all its runs."""
+def conditions(w: Workload, busy: int) -> list[Workload]:
+    """The workloads each case runs under: quiet, then (``busy`` > 0) beside ``busy`` CPU hogs."""
+    return [w] + ([Workload(**{**asdict(w), "busy": busy})] if busy else [])
+
+
+def run_all(cases: list[Case], w: Workload, timeout: float, busy: int = 0) -> list[Result]:
+    """Each case in one subprocess per condition (quiet, then busy right after it, so that a drift in the
+    machine's speed falls on both alike): warm-up, then all its runs."""
     results = []
     for case in cases:
-        t0 = time.perf_counter()
-        r = run_case(case, w, timeout)
-        if r is not None:
-            results.append(r)
-            _progress(r, time.perf_counter() - t0)
+        for cond in conditions(w, busy):
+            t0 = time.perf_counter()
+            r = run_case(case, cond, timeout)
+            if r is not None:
+                results.append(r)
+                _progress(r, time.perf_counter() - t0)
     return results
 
 
-def run_interleaved(cases: list[Case], w: Workload, timeout: float) -> list[Result]:
-    """--interleave: ``w.runs`` rounds, each running every case once in a fresh subprocess, so that a
-    change in the machine's load (a shared machine) falls on every engine alike. The cost is a load
-    and a warm-up per round; compiled cases find Inductor's on-disk cache warm after the first."""
+def run_interleaved(cases: list[Case], w: Workload, timeout: float, busy: int = 0) -> list[Result]:
+    """--interleave: ``w.runs`` rounds, each running every case once in a fresh subprocess (per condition),
+    so that a change in the machine's load (a shared machine) falls on every engine alike. The cost is a
+    load and a warm-up per round; compiled cases find Inductor's on-disk cache warm after the first."""
     one = Workload(**{**asdict(w), "runs": 1})
-    rounds: dict[Case, list[Result]] = {case: [] for case in cases}
+    rounds: dict[tuple[Case, int], list[Result]] = {(case, c.busy): [] for case in cases for c in conditions(w, busy)}
     for i in range(w.runs):
         print(f"# round {i + 1}/{w.runs}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
         for case in cases:
-            t0 = time.perf_counter()
-            r = run_case(case, one, timeout)
-            if r is not None:
-                rounds[case].append(r)
-                _progress(r, time.perf_counter() - t0)
+            for cond in conditions(one, busy):
+                t0 = time.perf_counter()
+                r = run_case(case, cond, timeout)
+                if r is not None:
+                    rounds[case, cond.busy].append(r)
+                    _progress(r, time.perf_counter() - t0)
     return [merge(rs) for rs in rounds.values() if len(rs) == w.runs]
 
 
@@ -106,6 +130,10 @@ def merge(rounds: list[Result]) -> Result:
     return r
 
 
+def _busy(hogs: int) -> str:
+    return f" beside {hogs} CPU hog{'s' * (hogs > 1)}" if hogs else ""
+
+
 def _progress(r: Result, seconds: float):
-    print(f"  {r.engine} {r.model} {r.setting}: decode {r.decode_tok_s:.2f} tok/s, prefill {r.prefill_tok_s:.1f} "
-          f"tok/s ({seconds:.0f} s)", file=sys.stderr)
+    print(f"  {r.engine} {r.model} {r.setting}{_busy(r.busy)}: decode {r.decode_tok_s:.2f} tok/s, "
+          f"prefill {r.prefill_tok_s:.1f} tok/s ({seconds:.0f} s)", file=sys.stderr)
