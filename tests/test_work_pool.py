@@ -4,6 +4,7 @@ a late thread is made with the pool's testing knob (a worker sleeps before it cl
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,17 @@ def test_gemv_same_bits_whatever_the_threads(pool):
             assert torch.equal(runs(threads, product, late_us), reference), f"{name}: {threads} threads, {late_us} us"
 
 
+def returns_within(seconds: float, fn):
+    """fn()'s value, or a failure if it has not returned after `seconds` (a caller left waiting for a thread that
+    never claims its chunks would otherwise hang the suite; the stuck thread is a daemon, so pytest still exits)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call has not returned after {seconds} s"
+    return result["value"]
+
+
 def test_a_late_worker_holds_nobody_up(pool):
     """Workers that only wake after the call is over: the caller claims and computes every chunk itself and the
     call returns (with OpenMP's static blocks it would wait for the late thread's block)."""
@@ -92,7 +104,7 @@ def test_a_late_worker_holds_nobody_up(pool):
     x, weight = torch.randn(1, 576), torch.randn(4096, 576)
     reference = runs(1, lambda: torch.ops.torchchat.gemv(x, weight))
     torch.ops.torchchat.work_pool_reset()
-    out = runs(2, lambda: torch.ops.torchchat.gemv(x, weight), LATE_US)
+    out = returns_within(60, lambda: runs(2, lambda: torch.ops.torchchat.gemv(x, weight), LATE_US))
     counts = pool_counts()
     assert torch.equal(out, reference)
     assert counts["regions"] == 1 and counts["caller_chunks"] > 1 and counts["worker_chunks"] == 0, counts
