@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from torchchat import commands
-from torchchat.builder import DEFAULT_CHAT_SEQ_LEN, DEFAULT_MAX_BATCH
+from torchchat.builder import DEFAULT_CHAT_SEQ_LEN, DEFAULT_MAX_BATCH, DEFAULT_SPECULATE_K
 from torchchat.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, ConfigError
 
 
@@ -97,12 +97,30 @@ def add_sampling_flags(p: argparse.ArgumentParser):
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
 
 
+def add_speculation_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("speculative decoding", "a drafter proposes tokens, the model checks them all in one "
+                             "forward: greedy output is the model's own, sampled output follows its distribution")
+    g.add_argument("--draft-model", default=None, help="a smaller model with the same tokenizer that drafts tokens "
+                                                        "(a name, as the model argument)")
+    g.add_argument("--draft-checkpoint-path", default=None, help="the draft model as a single-file checkpoint")
+    g.add_argument("--draft-gguf-path", default=None, help="the draft model as a GGUF file")
+    g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the draft's linear layers; without a draft model, the model's own weights "
+                        "quantized are the draft (self-drafting: --draft-quantize int4)")
+    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="draft without a model: copy what followed the latest earlier occurrence of the last N "
+                        "tokens (then N-1, ... 1) in the prompt and the reply (strong for summaries, quotes, edits)")
+    g.add_argument("--speculate-k", type=int, default=None, metavar="K",
+                   help=f"draft tokens checked per verification (default {DEFAULT_SPECULATE_K} with a drafter)")
+
+
 def add_generate_flags(p: argparse.ArgumentParser):
     add_model_flags(p)
     p.add_argument("--prompt", default=None, help="the text to complete (default: read standard input)")
     p.add_argument("--num-samples", type=int, default=1, help="sequences generated at once from the prompt")
     add_sampling_flags(p)
     add_runtime_flags(p)
+    add_speculation_flags(p)
 
 
 def add_chat_flags(p: argparse.ArgumentParser):
@@ -110,6 +128,7 @@ def add_chat_flags(p: argparse.ArgumentParser):
     p.add_argument("--system-prompt", default=None, help="a system message at the start of the chat")
     add_sampling_flags(p)
     add_runtime_flags(p)
+    add_speculation_flags(p)
 
 
 def add_eval_flags(p: argparse.ArgumentParser):
@@ -148,6 +167,7 @@ def add_server_flags(p: argparse.ArgumentParser):
                         "and [::1] when --host is loopback, else any; guards against DNS rebinding)")
     add_sampling_flags(p)  # the defaults of requests that leave a parameter out
     add_runtime_flags(p)
+    add_speculation_flags(p)
 
 
 @dataclass(frozen=True)

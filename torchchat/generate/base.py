@@ -29,6 +29,7 @@ from torchchat.generate.args import (MAX_NUM_SAMPLES, MAX_STOP_CHARS, MAX_STOP_S
                                      GenerationArgs, check_fits, check_stop_strings, encode_prompt)
 from torchchat.generate.requests import Completion, Completions, Request, TextCallback, Turn  # noqa: F401
 from torchchat.generate.scheduler import PREFILL_CHUNK, Scheduler, Step
+from torchchat.generate.speculative import Drafter, check_speculate_k
 from torchchat.generate.stats import GenerationStats
 from torchchat.model import ModelArgs
 
@@ -44,7 +45,8 @@ class Generator(ABC):
 
     def __init__(self, model_args: ModelArgs, tokenizer, chat_format, *, max_seq_len: int, max_batch: int = 1,
                  device: torch.device | str = "cpu", out: TextIO | None = None, err: TextIO | None = None,
-                 is_io_rank: bool = True, prefill_chunk: int = PREFILL_CHUNK, prefix_reuse: bool = True):
+                 is_io_rank: bool = True, prefill_chunk: int = PREFILL_CHUNK, prefix_reuse: bool = True,
+                 drafter: Drafter | None = None):
         if max_batch < 1:
             raise ConfigError(f"--max-batch ({max_batch}) must be at least 1")
         if prefill_chunk < 1:
@@ -59,6 +61,9 @@ class Generator(ABC):
         self.err = err or sys.stderr
         self.is_io_rank = is_io_rank  # only this process reads the user, schedules and writes text
         self.stop_ids = frozenset(tokenizer.stop_ids)
+        if drafter is not None:
+            check_speculate_k(drafter.k, max_seq_len)
+        self.drafter = drafter  # speculative decoding (speculative.py): verification steps instead of decode steps
         self.scheduler = Scheduler(self, max_batch, prefill_chunk, prefix_reuse)
         self.last_stats = GenerationStats()  # the figures of the latest request that ended
         self._results: deque[torch.Tensor] = deque()
@@ -68,7 +73,8 @@ class Generator(ABC):
     @abstractmethod
     def forward(self, step: Step) -> torch.Tensor:
         """Run ``step.tokens`` (B, T), row i at positions [step.positions[i], step.positions[i] + T) of KV cache
-        row ``step.rows[i]``; return the logits (B, V) at each row's last token."""
+        row ``step.rows[i]``; return the logits (B, V) at each row's last token (a verification step,
+        ``step.verify``: at every position, (B, T, V))."""
 
     def start(self, step: Step):
         """Begin ``step``; its logits come from ``finish``, in order. One process: run it now."""
@@ -87,6 +93,8 @@ class Generator(ABC):
         """For a backend's ``resize_batch``: the schedule's cache rows follow."""
         self.max_batch = max_batch
         self.scheduler = Scheduler(self, max_batch, self.scheduler.prefill_chunk, self.scheduler.prefix_reuse)
+        if self.drafter is not None:
+            self.drafter.resize(max_batch)
 
     def follow(self):
         """On a process that is not the I/O one: run the steps the I/O process schedules until it ends the

@@ -79,6 +79,8 @@ class LocalGenerator(Generator):
                 hidden = self.model(tokens, input_pos, rows)  # (B, T, dim): the model passes through a missing output
                 if step.targets is not None:  # scoring (Generator.score): (B, T) log-probabilities
                     return target_log_probs(output, hidden, step.targets.to(self.device))
+                if step.verify:  # speculative decoding: every position's logits
+                    return output(hidden)  # (B, T, V)
                 return output(hidden[:, -1])  # (B, V)
 
     def resize_batch(self, max_batch: int):

@@ -10,6 +10,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
+    """logits (B, V) -> the distribution (B, V) float32 that ``sample`` draws from (temperature > 0)."""
     logits = logits.float() / temperature  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -17,7 +22,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     if top_p < 1.0:
         probs = _top_p_filter(probs, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    return probs
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -6,7 +6,9 @@ Each ``step()`` (llama.cpp's server loop and vLLM's scheduler work alike, see sh
 2. one prompt chunk (at most ``prefill_chunk`` tokens) of the oldest joined request whose prompt is not yet
    in its rows: a long prompt is fed over several steps, so the running streams stall for one chunk at most;
    its last chunk gives the request's first tokens;
-3. one token of every sequence already decoding, each at its own position in its own row.
+3. one token of every sequence already decoding, each at its own position in its own row; with a drafter
+   (``Generator.drafter``, speculative decoding), its newest token and its draft's tokens instead, all
+   verified in one forward (see ``_decode_steps``).
 
 A forward never mixes sequences of different requests in one prompt chunk, and each decoded row is computed
 on its own (the backends' kernels keep rows independent), so a sequence's tokens do not depend on what runs
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from torchchat.generate.requests import Request, Sequence
+from torchchat.generate.speculative import Draft, verify_greedy, verify_sampled
 
 PREFILL_CHUNK = 256  # prompt tokens per forward (times the request's samples): ~0.3 s of SmolLM2 on 2 cores
 
@@ -44,6 +47,13 @@ class Step:
     # Scoring (Generator.score): (B, T) int64, the token each position predicts, -1 where not scored; the forward
     # then returns each scored position's log-probability of its target, (B, T) float32 (0 elsewhere), not logits.
     targets: torch.Tensor | None = None
+    # Verification (speculative.py): row i feeds its newest token, its draft's tokens, then padding up to T (computed
+    # and discarded); the forward returns the logits at every position, (B, T, V).
+    drafts: list[Draft] | None = None
+
+    @property
+    def verify(self) -> bool:
+        return self.drafts is not None
 
     @property
     def input_pos(self) -> torch.Tensor:
@@ -103,6 +113,8 @@ class Scheduler:
             self.cancel(request, error)
         for slot in self.slots:
             slot.cached = []
+        if self.gen.drafter is not None:
+            self.gen.drafter.forget()
 
     # ----- one step -----
 
@@ -150,7 +162,7 @@ class Scheduler:
         if decoding:
             groups = min(len(decoding), max(1, depth - len(self._in_flight) - len(steps)))
             size = -(-len(decoding) // groups)
-            steps += [self._decode_step(decoding[i:i + size]) for i in range(0, len(decoding), size)]
+            steps += [s for i in range(0, len(decoding), size) for s in self._decode_steps(decoding[i:i + size])]
         return steps
 
     def _prompt_chunk(self, request: Request) -> Step:
@@ -165,10 +177,39 @@ class Scheduler:
         tokens = torch.tensor([s.pending for s in seqs], dtype=torch.long)  # (B, 1): each one's newest token
         return _step_of(seqs, tokens)
 
+    def _decode_steps(self, seqs: list[Sequence]) -> list[Step]:
+        """The decode step of ``seqs``; with a drafter, a verification step: each sequence's newest token and
+        its draft (up to k tokens, fewer near max_new_tokens or the end of the context), the rows padded to the
+        longest draft. Sequences of one step may draft different amounts (prompt lookup finds nothing, a draft
+        model's is cut short): a shorter row's padding positions are computed and discarded, which costs less
+        than a forward per draft length. A row whose padding would run past the cache goes in a plain step."""
+        drafter = self.gen.drafter
+        if drafter is None:
+            return [self._decode_step(seqs)]
+        context_end = self.gen.max_seq_len
+        drafts = []
+        for seq in seqs:
+            args = seq.request.turn.args
+            most = min(drafter.k, args.max_new_tokens - len(seq.generated) - 1, context_end - seq.pos - 1)
+            context = self.slots[seq.slot].cached + seq.pending  # what its row holds, then its newest token
+            drafts.append(drafter.propose(context, seq.slot, most, args, seq.rng))
+        width = 1 + max(len(d.tokens) for d in drafts)
+        if width == 1:
+            return [self._decode_step(seqs)]
+        fits = [i for i, seq in enumerate(seqs) if seq.pos + width <= context_end]
+        rest = [seqs[i] for i in range(len(seqs)) if i not in fits]
+        rows = [seqs[i].pending + drafts[i].tokens for i in fits]
+        tokens = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)  # (B, T)
+        step = _step_of([seqs[i] for i in fits], tokens)
+        step.drafts = [drafts[i] for i in fits]
+        return [step] + ([self._decode_step(rest)] if rest else [])
+
     def _after(self, step: Step, logits: torch.Tensor):
         """Book what the step fed into the caches; sample the rows that have a new token; let finished ones leave.
         Rows of a request cancelled while the step was in flight are skipped: their cache row may have a new
         occupant, whose own steps come after this one."""
+        if step.verify:
+            return self._after_verification(step, logits)
         fed = step.tokens.size(1)
         live = [(i, seq) for i, seq in enumerate(step.sequences) if not seq.request.done]
         for _, seq in live:
@@ -186,7 +227,37 @@ class Scheduler:
             seq.accept(token)
         if step.prefill:
             live[0][1].request.first_tokens()
-        for request in {id(seq.request): seq.request for _, seq in live}.values():
+        self._leave_finished(seq for _, seq in live)
+
+    def _after_verification(self, step: Step, logits: torch.Tensor):
+        """logits (B, T, V): each row keeps the draft tokens the target agrees with and the target's next token
+        (speculative.py); its cache row holds its newest token and the kept draft tokens, the rest is rolled
+        back (the positions past them are overwritten before they are ever read)."""
+        live = [(i, seq) for i, seq in enumerate(step.sequences) if not seq.request.done]
+        for i, seq in live:
+            draft, args = step.drafts[i], seq.request.turn.args
+            rows = logits[i, :len(draft.tokens) + 1]  # (n + 1, V)
+            new = verify_greedy(rows, draft.tokens) if args.temperature == 0 else \
+                verify_sampled(rows, draft, args, seq.rng)
+            stats = seq.request.stats
+            stats.drafted += len(draft.tokens)
+            stats.accepted += len(new) - 1
+            stats.verifications += 1
+            fed = seq.pending
+            taken = 0
+            for token in new:
+                seq.accept(token)
+                taken += 1
+                if seq.finished:
+                    break
+            fed = fed + new[:min(taken, len(new) - 1)]  # the newest token and the kept drafts it was fed with
+            self.slots[seq.slot].cached += fed
+            seq.pos += len(fed)
+        self._leave_finished(seq for _, seq in live)
+
+    def _leave_finished(self, seqs):
+        """Requests all of whose sequences finished leave and end."""
+        for request in {id(seq.request): seq.request for seq in seqs}.values():
             if all(seq.finished for seq in request.sequences):
                 self._leave(request)
                 request.finish()

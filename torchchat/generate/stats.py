@@ -17,6 +17,20 @@ class GenerationStats:
     new_tokens: int = 0  # per sequence, counting the first one (from prefill)
     ttft_s: float = 0.0  # time to first token: prefill plus its sampling
     decode_s: float = 0.0  # time for the tokens after the first
+    # speculative decoding, summed over the sequences: verifications, draft tokens proposed and kept
+    verifications: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Draft tokens the target kept, over those proposed."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_verification(self) -> float:
+        """Tokens a verification forward gave a sequence: the kept draft tokens and the target's own one."""
+        return (self.accepted + self.verifications) / self.verifications if self.verifications else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -34,6 +48,9 @@ class GenerationStats:
                 f"{self.prefill_tok_s:.1f} tok/s | decode {self.new_tokens - 1} tokens {self.decode_tok_s:.2f} tok/s")
         if self.batch > 1:
             line += f" per sequence, {self.batch * self.decode_tok_s:.2f} tok/s over {self.batch} sequences"
+        if self.verifications:
+            line += (f" | speculation: {self.accepted}/{self.drafted} draft tokens accepted "
+                     f"({100 * self.acceptance_rate:.0f}%), {self.tokens_per_verification:.2f} tokens per verification")
         return line + f" | peak memory {peak_memory_mb(device):.0f} MB"
 
 

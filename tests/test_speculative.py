@@ -1,0 +1,193 @@
+"""Speculative decoding (torchchat/generate/speculative.py and the scheduler's verification steps): greedy output
+equal to plain greedy token for token with every drafter (prompts, chat turns, several requests in flight), the
+rejection rule's distribution (exactly, on made-up distributions, and end to end on a tiny model), seeds, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.generators import local_generator, scripted_user, tiny_source
+from tests.model_assets import write_tiny_model
+from torchchat.errors import ConfigError
+from torchchat.generate.base import GenerationArgs, Turn
+from torchchat.generate.sampling import probabilities
+from torchchat.generate.speculative import (Draft, ModelDrafter, PromptLookupDrafter, check_speculate_k, lookup,
+                                            verify_greedy, verify_sampled)
+
+PROMPTS = ["the cat sat on the mat and the cat sat on the", "Once upon a time", "abc abc abc abc", "x"]
+GREEDY = GenerationArgs(48, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory):
+    """A second tiny model, other weights (seed 1), the same tokenizer: a draft that is often wrong."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_draft"), seed=1)
+
+
+def drafters(tiny, other_tiny, k: int = 4, max_seq_len: int = 256, max_batch: int = 1):
+    """Every kind of drafter, by name."""
+    def model_drafter(model):
+        return ModelDrafter(k, local_generator(tiny_source(model), max_seq_len, max_batch=max_batch))
+    return {"lookup": lambda: PromptLookupDrafter(k, 3), "same model": lambda: model_drafter(tiny),
+            "other model": lambda: model_drafter(other_tiny)}
+
+
+# ----- the pieces -----
+
+
+def test_lookup_copies_what_followed_the_latest_occurrence_of_the_longest_ngram():
+    context = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup(context, 3, 4) == [7, 8, 5, 2]  # [2, 3] (no earlier [5, 2, 3]): latest at 5, then 7 8 5 2
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3], 3, 2) == [7, 8]  # [1, 2, 3] latest at 4
+    assert lookup([4, 5, 6], 3, 4) == []  # nothing earlier
+    assert lookup([4, 5, 4], 3, 0) == [] and lookup([4, 5, 4], 3, 1) == [5]
+    assert lookup([7, 7, 7, 7], 2, 3) == [7]  # the tail itself is never its own match
+
+
+def test_verify_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
+    logits = torch.full((4, 10), -1.0)
+    for j, best in enumerate([3, 5, 1, 8]):
+        logits[j, best] = 1.0
+    assert verify_greedy(logits, [3, 5, 1]) == [3, 5, 1, 8]
+    assert verify_greedy(logits, [3, 6, 1]) == [3, 5]
+    assert verify_greedy(logits[:1], []) == [3]
+
+
+@pytest.mark.parametrize("kind", ["sampled q", "one-hot q"])
+def test_rejection_rule_gives_the_targets_distribution_whatever_the_draft(kind):
+    """The first token out of a verification of one draft token follows p exactly (total variation within
+    sampling noise of 20,000 draws), although the draft token comes from q, far from p. Keeping every draft
+    token, or drawing the correction from p instead of max(p - q, 0), gives q or a mixture: TV > 0.1."""
+    torch.manual_seed(0)
+    p_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    q = torch.tensor([0.05, 0.05, 0.1, 0.2, 0.3, 0.3])
+    args = GenerationArgs(8, temperature=1.0, top_k=None)
+    p = probabilities(p_logits.view(1, -1), 1.0, None, 1.0)[0]
+    rng = torch.Generator().manual_seed(1)
+    logits = torch.stack([p_logits, p_logits])  # (2, V): at the newest token and after the draft token
+    counts = torch.zeros(6)
+    n = 20_000
+    for _ in range(n):
+        if kind == "sampled q":
+            token = int(torch.multinomial(q, 1, generator=rng))
+            draft = Draft([token], q.view(1, -1))
+        else:
+            draft = Draft([4])  # a drafter that always proposes token 4 (prompt lookup)
+        counts[verify_sampled(logits, draft, args, rng)[0]] += 1
+    tv = 0.5 * (counts / n - p).abs().sum()
+    assert tv < 0.02, (counts / n, p)
+
+
+def test_sampled_speculation_follows_the_models_distribution_end_to_end(tiny_model, other_tiny):
+    """The tiny model, top-k 3, 3 new tokens from one prompt: the second and third come from one verification of a
+    token drafted by another model. 2,048 samples' joint distribution of the 3 tokens against the exact one
+    (from the model's own logits): total variation below 0.1 (sampling noise ~0.05 over <= 27 outcomes; a drafter
+    whose tokens were always kept gives > 0.3)."""
+    args = GenerationArgs(3, temperature=1.0, top_k=3, num_samples=64)
+    prompt = [1, 2, 3, 4]
+    gen = local_generator(tiny_source(tiny_model), 64, max_batch=64,
+                          drafter=ModelDrafter(1, local_generator(tiny_source(other_tiny), 64, max_batch=64)))
+    counts: dict[tuple, int] = {}
+    for seed in range(32):
+        for c in gen.complete(Turn(prompt, GenerationArgs(**{**args.__dict__, "seed": seed}))):
+            counts[tuple(c.tokens)] = counts.get(tuple(c.tokens), 0) + 1
+    assert gen.last_stats.verifications == 64 and gen.last_stats.drafted == 64
+    plain = local_generator(tiny_source(tiny_model), 64)
+    exact = exact_distribution(plain, prompt, 3, top_k=3)
+    n = sum(counts.values())
+    tv = 0.5 * sum(abs(counts.get(t, 0) / n - exact.get(t, 0.0)) for t in set(counts) | set(exact))
+    assert tv < 0.1, tv
+
+
+def exact_distribution(gen, prompt: list[int], length: int, top_k: int) -> dict[tuple, float]:
+    """Every continuation of ``length`` tokens with its probability under temperature 1 and ``top_k``, from the
+    model's logits (one prompt forward per prefix)."""
+    def next_probs(tokens):
+        gen.model.setup_caches(1, 64)
+        with torch.no_grad():
+            logits = gen.model(torch.tensor([tokens]), torch.arange(len(tokens)))[:, -1]
+        return probabilities(logits, 1.0, top_k, 1.0)[0]
+    out = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for prefix, pr in out.items():
+            probs = next_probs(prompt + list(prefix))
+            for token in torch.nonzero(probs).flatten().tolist():
+                grown[prefix + (token,)] = pr * float(probs[token])
+        out = grown
+    return out
+
+
+def test_k_is_checked_against_its_limit_and_the_context():
+    check_speculate_k(4, 64)
+    for k, context in ((0, 64), (33, 4096), (7, 8)):
+        with pytest.raises(ConfigError, match="--speculate-k"):
+            check_speculate_k(k, context)
+
+
+# ----- greedy output: the model's own -----
+
+
+@pytest.mark.parametrize("kind", ["lookup", "same model", "other model"])
+def test_greedy_output_is_plain_greedy_with_every_drafter(tiny_model, other_tiny, kind):
+    plain = local_generator(tiny_source(tiny_model))
+    gen = local_generator(tiny_source(tiny_model), drafter=drafters(tiny_model, other_tiny)[kind]())
+    for text in PROMPTS:
+        prompt = plain.encode_prompt(text)
+        expected = plain.complete(Turn(prompt, GREEDY))[0].tokens
+        got = gen.complete(Turn(prompt, GREEDY))
+        assert got[0].tokens == expected, text
+    stats = gen.last_stats
+    assert stats.verifications > 0 and stats.drafted >= stats.accepted
+    if kind == "same model":  # the target's own weights draft: everything is kept
+        assert stats.accepted == stats.drafted and stats.tokens_per_verification > 4
+
+
+@pytest.mark.parametrize("kind", ["lookup", "same model", "other model"])
+def test_chat_turns_and_requests_in_flight_give_plain_greedy_text(tiny_model, other_tiny, kind):
+    """A chat of three turns (the history reused from the cache row, the draft's row following it), then three
+    requests in flight at once in a batch of 3 rows, drafting different amounts."""
+    turns = ["hello there", "tell me more about the cat", "and the mat?"]
+    outs = []
+    for drafter in (None, drafters(tiny_model, other_tiny, max_batch=3)[kind]()):
+        gen = local_generator(tiny_source(tiny_model), max_batch=3, drafter=drafter)
+        out = []
+        gen.write = out.append
+        assert gen.run_chat(GenerationArgs(24, temperature=0), scripted_user(turns)) == 3
+        requests = [gen.submit(Turn(gen.encode_prompt(text), GREEDY)) for text in PROMPTS[:3]]
+        while not all(r.done for r in requests):
+            gen.step()
+        outs.append(("".join(out), [r.completions[0].tokens for r in requests]))
+    assert outs[0] == outs[1]
+
+
+def test_seeded_sampling_with_a_drafter_is_reproducible(tiny_model, other_tiny):
+    gen = local_generator(tiny_source(tiny_model), drafter=drafters(tiny_model, other_tiny)["other model"]())
+    prompt = gen.encode_prompt("Once upon a time")
+    runs = [gen.complete(Turn(prompt, GenerationArgs(32, temperature=0.9, seed=seed)))[0].tokens
+            for seed in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_stats_report_acceptance(tiny_model):
+    gen = local_generator(tiny_source(tiny_model), drafter=PromptLookupDrafter(4, 2))
+    gen.complete(Turn(gen.encode_prompt("abc abc abc abc abc"), GREEDY))
+    s = gen.last_stats
+    line = s.summary(gen.device)
+    assert f"{s.accepted}/{s.drafted} draft tokens accepted" in line and "tokens per verification" in line
+    assert s.tokens_per_verification == pytest.approx((s.accepted + s.verifications) / s.verifications)
+
+
+def test_drafts_never_run_past_max_new_tokens_or_the_context(tiny_model):
+    """A context of 40 tokens, k 8: the verification rows are cut so that every position fits, and a sequence ends
+    at max_new_tokens exactly, whatever was drafted."""
+    plain = local_generator(tiny_source(tiny_model), 40)
+    gen = local_generator(tiny_source(tiny_model), 40, drafter=ModelDrafter(8, local_generator(
+        tiny_source(tiny_model), 40)))
+    prompt = plain.encode_prompt("abc abc abc")
+    for new in (1, 2, 9, 40 - len(prompt)):
+        args = GenerationArgs(new, temperature=0)
+        expected = plain.generate_tokens(Turn(prompt, args))
+        assert list(gen.generate_tokens(Turn(prompt, args))) == list(expected)
+
