@@ -112,6 +112,14 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, count: int, timeout: float = 20.0) -> int:
+        """How many times ``text`` is in the log, once it reaches ``count`` or ``timeout`` passed (a line the server
+        writes between steps may come after a reply the client already has)."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.log().count(text)) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return seen
+
     def send_signal(self, sig: int, group: bool = False):
         """To the server, or to its whole process group (as a terminal's Ctrl-C reaches every rank)."""
         if self.signalled is None:

@@ -5,14 +5,17 @@ from torchchat.cli import build_parser
 MODEL = {"--checkpoint-dir", "--checkpoint-path", "--gguf-path", "--tokenizer-path", "--model-directory"}
 RUNTIME = {"--device", "--dtype", "--compile", "--quantize", "--max-seq-length", "--tp", "--pp"}
 SAMPLING = {"--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed"}
+SPECULATION = {"--draft-model", "--draft-checkpoint-path", "--draft-gguf-path", "--draft-quantize", "--prompt-lookup",
+               "--speculate-k"}
 
 FROZEN = {
-    "generate": MODEL | RUNTIME | SAMPLING | {"--prompt", "--num-samples"},
-    "chat": MODEL | RUNTIME | SAMPLING | {"--system-prompt"},
+    "generate": MODEL | RUNTIME | SAMPLING | SPECULATION | {"--prompt", "--num-samples"},
+    "chat": MODEL | RUNTIME | SAMPLING | SPECULATION | {"--system-prompt"},
     "eval": MODEL | RUNTIME | {"--text-file", "--batch", "--json"},
     "list": set(),
-    "server": MODEL | RUNTIME | SAMPLING | {"--host", "--port", "--max-batch", "--max-queue", "--no-prefix-reuse",
-               "--shutdown-timeout", "--max-body-size", "--max-connections", "--allowed-hosts"},
+    "server": MODEL | RUNTIME | SAMPLING | SPECULATION | {"--host", "--port", "--max-batch", "--max-queue",
+                                                          "--no-prefix-reuse", "--shutdown-timeout", "--max-body-size",
+                                                          "--max-connections", "--allowed-hosts"},
 }
 
 

@@ -12,18 +12,22 @@ on a generator of its own, with a timeout.
 
 from __future__ import annotations
 
+import functools
 import io
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist_utils import run_ranks
 from tests.generators import load_parts, local_generator, scripted_user, tiny_source
+from tests.model_assets import write_tiny_model
 from torchchat import cpu as cpu_kernels
 from torchchat.catalog import ModelSource
 from torchchat.checkpoint import load_model, read_model_args
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.generate.base import GenerationArgs, Turn
+from torchchat.generate.speculative import ModelDrafter, PromptLookupDrafter
 from torchchat.errors import ConfigError
 from torchchat.model import KNOWN_MODELS, ModelArgs
 
@@ -151,8 +155,39 @@ def score_case(gen, rank: int, text: tuple[list[int], int]):
     return result.perplexity, result.tokens, torch.stack(scored)
 
 
+def speculative_schedule_case(gen, rank: int, schedule: list):
+    """schedule_case with a drafter on rank 0: every request's tokens and the verification steps rank 0 started."""
+    verified = []
+    start = gen.start
+
+    def counted_start(step):
+        verified.append(step.verify)
+        start(step)
+    gen.start = counted_start
+    result = schedule_case(gen, rank, schedule)
+    return result if rank != 0 else (result[0], sum(verified))
+
+
+def speculative_chat_case(gen, rank: int, lines: list[str]):
+    """chat_case with a drafter on rank 0, and the draft tokens it proposed (rank 0)."""
+    transcript = chat_case(gen, rank, lines)
+    return transcript if rank != 0 else (transcript, gen.last_stats.drafted)
+
+
 CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case,
-              "score": score_case}
+              "score": score_case, "speculative schedule": speculative_schedule_case,
+              "speculative chat": speculative_chat_case}
+
+
+def lookup_drafter():
+    """The drafter of the speculative cases (built on rank 0 only, by DistributedGenerator.from_source)."""
+    return PromptLookupDrafter(SPECULATE_K, 2)
+
+
+def tiny_drafter(checkpoint: str, tokenizer: str, max_seq_len: int):
+    """A draft model: another tiny model (other weights, the same tokenizer), in rank 0's process."""
+    source = ModelSource("draft", checkpoint_path=Path(checkpoint), tokenizer_path=Path(tokenizer))
+    return ModelDrafter(SPECULATE_K, local_generator(source, max_seq_len=max_seq_len))
 
 
 def _tokens(completions):
@@ -247,6 +282,14 @@ SCORE_TOKENS = list(("The quick brown fox jumps over the lazy dog. " * 4).encode
 SCORE_TP_PERPLEXITY = 6e-6
 SCORE_TP_LOG_PROB = 8e-4
 
+# Speculative decoding through the parallel model: the greedy requests of SCHEDULE with prompt lookup (rows of one
+# verification drafting different amounts, a prompt chunk beside them), and the chat with a draft model in rank
+# 0's process; each against the model's plain greedy output in one process.
+SPEC_SCHEDULE = [entry for entry in SCHEDULE if entry[2].temperature == 0]
+SPECULATE_K = 3
+SPEC_LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+SPEC_CHAT_LAYOUTS = [(2, 1), (1, 2)]
+
 # Which cases run on which layout of the tiny model (one launch each).
 BATCH_LAYOUTS = [(1, 2), (2, 2)]
 SCHEDULE_LAYOUTS = [(2, 1), (1, 2), (2, 2)]
@@ -254,8 +297,15 @@ CHAT_LAYOUTS = [(2, 1), (1, 2)]
 KERNEL_LAYOUTS = [(2, 1), (1, 2)]
 
 
-def tiny_cases(tp: int, pp: int) -> dict:
+def tiny_cases(tp: int, pp: int, draft) -> dict:
     cases = {"greedy": ("generate", {"max_seq_len": 64}, TINY_RUNS)}
+    if (tp, pp) in SPEC_LAYOUTS:
+        cases["speculative schedule"] = ("speculative schedule", {**SCHEDULE_KWARGS, "speculate_k": SPECULATE_K,
+                                                                  "make_drafter": lookup_drafter}, SPEC_SCHEDULE)
+    if (tp, pp) in SPEC_CHAT_LAYOUTS:
+        make = functools.partial(tiny_drafter, str(draft.checkpoint), str(draft.tokenizer), 256)
+        cases["speculative chat"] = ("speculative chat", {"max_seq_len": 256, "speculate_k": SPECULATE_K,
+                                                          "make_drafter": make}, CHAT)
     if (tp, pp) in BATCH_LAYOUTS:
         cases["batch"] = ("generate", {"max_seq_len": 64}, BATCH_RUNS)
     if (tp, pp) in SCHEDULE_LAYOUTS:
@@ -275,13 +325,15 @@ def tiny_cases(tp: int, pp: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def launched(tiny_model):
+def launched(tiny_model, tmp_path_factory):
     """launched(tp, pp): every rank's results of every case of that layout, from one launch (cached)."""
     source, done = tiny_source(tiny_model), {}
+    draft = write_tiny_model(tmp_path_factory.mktemp("tiny_draft"), seed=1)
 
     def launch(tp: int, pp: int) -> list[dict]:
         if (tp, pp) not in done:
-            done[(tp, pp)] = run_ranks(layout_worker, tp * pp, source, tp, pp, tiny_cases(tp, pp), timeout=300)
+            done[(tp, pp)] = run_ranks(layout_worker, tp * pp, source, tp, pp, tiny_cases(tp, pp, draft),
+                                       timeout=300)
         return done[(tp, pp)]
     return launch
 
@@ -392,6 +444,28 @@ def test_chat_transcript_matches_local(tiny_model, launched, tp, pp):
     assert local.run_chat(CHAT_ARGS, scripted_user(CHAT)) == 2
     results = [r["chat"] for r in launched(tp, pp)]
     assert results[0] == (local.out.getvalue(), replies)
+    assert results[1:] == [("", [])] * (tp * pp - 1), "only rank 0 writes, and holds the replies"
+
+
+@pytest.mark.parametrize("tp,pp", SPEC_LAYOUTS, ids=lambda v: str(v))
+def test_speculative_requests_in_flight_give_plain_greedy_tokens(tiny_model, launched, tp, pp):
+    """Prompt lookup on rank 0, verification steps through the TP shards and the stages (the plans carry k + 1
+    tokens a row, the logits come back at every position): each request's tokens are one process's plain greedy
+    ones, alone."""
+    expected = _local_alone(tiny_source(tiny_model), SPEC_SCHEDULE, 128, prefill_chunk=8)
+    got, verifications = rank0(launched(tp, pp), "speculative schedule")
+    assert got == expected, f"tp {tp}, pp {pp}"
+    assert verifications > 0, "no verification step ran"
+
+
+@pytest.mark.parametrize("tp,pp", SPEC_CHAT_LAYOUTS, ids=lambda v: str(v))
+def test_speculative_chat_with_a_draft_model_matches_plain_local(tiny_model, launched, tp, pp):
+    local = local_generator(tiny_source(tiny_model), max_seq_len=256)
+    replies = _recording_replies(local)
+    assert local.run_chat(CHAT_ARGS, scripted_user(CHAT)) == 2
+    results = [r["speculative chat"] for r in launched(tp, pp)]
+    transcript, drafted = results[0]
+    assert transcript == (local.out.getvalue(), replies) and drafted > 0
     assert results[1:] == [("", [])] * (tp * pp - 1), "only rank 0 writes, and holds the replies"
 
 

@@ -413,7 +413,7 @@ def test_a_client_leaving_mid_stream_stops_the_generation(smol_server, smol):
     r = smol.chat.completions.create(model="smollm2-135m", messages=ask("France"), max_tokens=8, **GREEDY)
     assert "Paris" in r.choices[0].message.content
     assert time.monotonic() - t0 < 15
-    assert smol_server.log().count("request cancelled") == before + 1  # the story left the batch
+    assert smol_server.wait_for_log("request cancelled", before + 1) == before + 1  # the story left the batch
 
 
 def test_a_client_timing_out_on_a_plain_request_stops_the_generation(smol_server, smol):
@@ -424,7 +424,8 @@ def test_a_client_timing_out_on_a_plain_request_stops_the_generation(smol_server
                                                                      max_tokens=600, **GREEDY)
     r = smol.chat.completions.create(model="smollm2-135m", messages=ask("Germany"), max_tokens=8, **GREEDY)
     assert "Berlin" in r.choices[0].message.content
-    assert smol_server.log().count("request cancelled") == before + 1
+    # the server polls for a client gone (DISCONNECT_POLL_S): on a loaded machine Germany may be answered first
+    assert smol_server.wait_for_log("request cancelled", before + 1) == before + 1
 
 
 # ----- distributed: rank 0 serves, rank 1 follows -----

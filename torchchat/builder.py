@@ -197,8 +197,9 @@ def _check_draft_vocabulary(source, prep):
                           f"share the model's tokenizer (pick one of the same family)")
 
 
-def build_drafter(args, prep: Prepared, max_seq_len: int, max_batch: int):
-    """The drafter of ``prep.speculation`` (None without one); a draft model loads here, on this process."""
+def build_drafter(args, prep: Prepared, max_seq_len: int, max_batch: int, device: str | None = None):
+    """The drafter of ``prep.speculation`` (None without one); a draft model loads here, on this process (on
+    ``device``, default the model's)."""
     from torchchat.generate.speculative import ModelDrafter, PromptLookupDrafter, check_speculate_k
 
     plan = prep.speculation
@@ -211,7 +212,8 @@ def build_drafter(args, prep: Prepared, max_seq_len: int, max_batch: int):
 
     source = prep.source if plan.mode == "self" else plan.source
     draft = LocalGenerator.from_source(source, prep.tokenizer, prep.chat_format, max_seq_len=max_seq_len,
-                                       max_batch=max_batch, dtype="fp32", device=prep.device, quantize=plan.quantize)
+                                       max_batch=max_batch, dtype="fp32", device=device or prep.device,
+                                       quantize=plan.quantize)
     return ModelDrafter(plan.k, draft)
 
 
@@ -234,9 +236,18 @@ def build_distributed_generator(args, prep: Prepared, dims, device: str, max_seq
     """One rank of a job (``dims``: its ParallelDims) in a process group already joined: a DistributedGenerator."""
     from torchchat.generate.distributed import DistributedGenerator
 
+    speculation = {}
+    if prep.speculation is not None:  # the draft on rank 0, beside the scheduler; every rank sizes plans for k
+        from torchchat.generate.speculative import check_speculate_k
+
+        check_speculate_k(prep.speculation.k, max_seq_len)
+        speculation = {"speculate_k": prep.speculation.k,
+                       "make_drafter": lambda: build_drafter(args, prep, max_seq_len, max_batch, device=str(device))}
+    gen = DistributedGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, dims,
+                                           max_seq_len=max_seq_len, max_batch=max_batch,
+                                           dtype=weights_dtype(args, prep, one_process=False)[0],
+                                           device=device, model_args=prep.model_args, **speculation,
+                                           **schedule_options(args))
     if prep.speculation is not None:
-        raise ConfigError("speculative decoding runs in one process for now: drop the speculation flags or --tp/--pp")
-    return DistributedGenerator.from_source(prep.source, prep.tokenizer, prep.chat_format, dims,
-                                            max_seq_len=max_seq_len, max_batch=max_batch,
-                                            dtype=weights_dtype(args, prep, one_process=False)[0],
-                                            device=device, model_args=prep.model_args, **schedule_options(args))
+        gen.report(f"speculative decoding: {prep.speculation.describe()}")
+    return gen

@@ -107,10 +107,10 @@ def add_speculation_flags(p: argparse.ArgumentParser):
     g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
                    help="quantize the draft's linear layers; without a draft model, the model's own weights "
                         "quantized are the draft (self-drafting: --draft-quantize int4)")
-    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+    g.add_argument("--prompt-lookup", type=positive_int, default=None, metavar="N",
                    help="draft without a model: copy what followed the latest earlier occurrence of the last N "
                         "tokens (then N-1, ... 1) in the prompt and the reply (strong for summaries, quotes, edits)")
-    g.add_argument("--speculate-k", type=int, default=None, metavar="K",
+    g.add_argument("--speculate-k", type=positive_int, default=None, metavar="K",
                    help=f"draft tokens checked per verification (default {DEFAULT_SPECULATE_K} with a drafter)")
 
 

@@ -98,10 +98,12 @@ class StepRoute:
         hidden = torch.empty(batch, seq_len, self.dim, dtype=self.dtype, device=self.device)
         return recv_activation(hidden, self.prev, self.pp_group)
 
-    def expect_logits(self, batch: int):
-        """Rank 0, when it starts a step that another rank finishes: post the receive of its logits (B, V)."""
+    def expect_logits(self, batch: int, positions: int | None = None):
+        """Rank 0, when it starts a step that another rank finishes: post the receive of its logits (B, V), or
+        (B, T, V) at every position of a verification step (``positions`` = T)."""
         if self.rank == self.io_rank and self.rank != self.logits_rank:
-            logits = torch.empty(batch, self.vocab_size, dtype=self.dtype, device=self.device)
+            shape = (batch, self.vocab_size) if positions is None else (batch, positions, self.vocab_size)
+            logits = torch.empty(shape, dtype=self.dtype, device=self.device)
             self._logits.append((post_recv_logits(logits, self.logits_rank, self.logits_group), logits))
 
     def expect_scores(self, batch: int, seq_len: int):

@@ -7,12 +7,15 @@ rank knows beforehand, so that a receive can be posted before the step is known:
     [kind, B, T, tokens (B * T), positions (B), rows (B), padding up to the capacity]
     [SCORE, B, T, tokens (B * T), targets (B * T), positions (B), rows (B), padding]
 
-``RUN``: run the rows; ``SCORE``: run them and score the positions whose target is not -1 (``Generator.score``,
+``RUN``: run the rows; ``VERIFY``: run them and return the logits at every position (speculative decoding:
+each row's newest token and its draft tokens, ``Step.verify``); ``SCORE``: run them and score the positions whose
+target is not -1 (``Generator.score``,
 `eval`: the last stage returns log-probabilities, not logits); ``RESIZE``: hold B cache rows from now on (the
 layout grows with them); ``GROW``: plans of scoring steps of up to T tokens (B * T) follow, the capacity grows
 to fit them (a window of 512 tokens a row outgrows the scheduler's steps); ``END``: the session is over. The
 capacity fits the largest step the scheduler makes: a prompt chunk of at most ``prefill_chunk`` tokens over its
-request's rows (at least one token a row), or one token of each of ``max_batch`` rows; and, after a GROW, a
+request's rows (at least one token a row), or one token of each of ``max_batch`` rows (``verify_width`` tokens
+when speculating: the newest token and up to k draft tokens); and, after a GROW, a
 scoring step of ``score_tokens`` tokens and as many targets.
 """
 
@@ -22,8 +25,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-RUN, RESIZE, END, SCORE, GROW = 0, 1, 2, 3, 4
-KINDS = {RUN: "run", RESIZE: "resize", END: "end", SCORE: "score", GROW: "grow"}
+RUN, RESIZE, END, SCORE, GROW, VERIFY = 0, 1, 2, 3, 4, 5
+KINDS = {RUN: "run", RESIZE: "resize", END: "end", SCORE: "score", GROW: "grow", VERIFY: "verify"}
 HEADER = 3  # kind, B, T
 
 
@@ -49,16 +52,18 @@ class PlanLayout:
     max_batch: int
     prefill_chunk: int
     score_tokens: int = 0
+    verify_width: int = 1  # tokens a row of a decode step: 1, or k + 1 with speculative decoding
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.prefill_chunk < 1 or self.score_tokens < 0:
+        if self.max_batch < 1 or self.prefill_chunk < 1 or self.score_tokens < 0 or self.verify_width < 1:
             raise ValueError(f"a plan needs max_batch ({self.max_batch}) and prefill_chunk ({self.prefill_chunk}) "
                              f"of at least 1 and score_tokens ({self.score_tokens}) of at least 0")
 
     @property
     def max_tokens(self) -> int:
-        """B * T of the largest step: a chunk (a token a row at least), or a decode step of every row."""
-        return max(self.prefill_chunk, self.max_batch)
+        """B * T of the largest step: a chunk (a token a row at least), or a decode (verification) step of every
+        row."""
+        return max(self.prefill_chunk, self.max_batch * self.verify_width)
 
     @property
     def capacity(self) -> int:
@@ -69,15 +74,16 @@ class PlanLayout:
         return torch.zeros(self.capacity, dtype=torch.long)
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-            targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T), positions (B,), rows (B,), targets (B, T) or None -> the message (SCORE with targets)."""
+            targets: torch.Tensor | None = None, verify: bool = False) -> torch.Tensor:
+        """tokens (B, T), positions (B,), rows (B,), targets (B, T) or None -> the message (SCORE with targets,
+        VERIFY for a verification step)."""
         batch, seq_len = tokens.shape
         room = self.max_tokens if targets is None else self.score_tokens
         if batch > self.max_batch or batch * seq_len > room:
             raise ValueError(f"a step of {batch} x {seq_len} tokens exceeds the plan's {self.max_batch} rows and "
                              f"{room} tokens")
         plan = self.empty()
-        plan[:HEADER] = torch.tensor([RUN if targets is None else SCORE, batch, seq_len])
+        plan[:HEADER] = torch.tensor([SCORE if targets is not None else VERIFY if verify else RUN, batch, seq_len])
         scored = [] if targets is None else [targets.reshape(-1)]
         body = torch.cat([tokens.reshape(-1), *scored, positions.reshape(-1), rows.reshape(-1)])  # (B * T [* 2] + 2B,)
         plan[HEADER:HEADER + body.numel()] = body
@@ -107,7 +113,7 @@ class PlanLayout:
                                f"{self.max_batch} rows and {self.max_tokens} tokens")
         if kind == GROW:
             return Plan(GROW, score_tokens=seq_len)
-        if kind not in (RUN, SCORE):
+        if kind not in (RUN, SCORE, VERIFY):
             return Plan(kind, batch)
         body = plan[HEADER:HEADER + n + 2 * batch]
         tokens = body[:batch * seq_len].view(batch, seq_len)  # (B, T)

@@ -162,6 +162,10 @@ class GatheredLinear(GemvLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, dim)
         return tp_all_gather(super().forward(x[:, -1:]), self.group, self.world)  # (B, 1, vocab)
 
+    def every_position(self, x: torch.Tensor) -> torch.Tensor:
+        """A verification step's logits (speculative decoding): every position's, gathered, (B, T, vocab)."""
+        return tp_all_gather(super().forward(x), self.group, self.world)  # (B, T, vocab)
+
     def log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, rows_at_once: int) -> torch.Tensor:
         """hidden (B, T, dim), targets (B, T) (-1: not scored) -> (B, T) float32 log-probabilities of the targets,
         as ``generate/scoring.target_log_probs`` gives them, from this rank's vocab shard and two all-reduces."""

@@ -77,7 +77,7 @@ from torchchat.distributed.loading import load_rank_weights
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.process_group import collective_timeout
 from torchchat.distributed.pipeline import StepRoute, trim_to_stage
-from torchchat.distributed.plan import END, GROW, RESIZE, Plan, PlanLayout
+from torchchat.distributed.plan import END, GROW, RESIZE, VERIFY, Plan, PlanLayout
 from torchchat.distributed.tensor_parallel import GatheredLinear, localize, parallelize
 from torchchat.generate.base import Generator
 from torchchat.generate.local import DTYPES, positions_and_rows
@@ -116,6 +116,9 @@ class StagePart:
                 return hidden
             if step.targets is not None:
                 return self._score(hidden, step.targets.to(hidden.device))  # (B, T) float32
+            if step.verify:  # speculative decoding: every position's logits
+                every = getattr(self.output, "every_position", self.output)  # a vocab shard gathers them all
+                return every(hidden)  # (B, T, V)
             return self.output(hidden[:, -1:])[:, -1]  # (B, V)
 
     def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,8 @@ class DistributedGenerator(Generator):
     chat_help = "chat: type a message; /bye or Ctrl-D ends, Ctrl-C ends every rank"
 
     def __init__(self, part: StagePart, route: StepRoute, model_args, tokenizer, chat_format, dims: ParallelDims,
-                 mesh, *, max_seq_len: int, max_batch: int = 1, device="cpu", groups=(), **kwargs):
+                 mesh, *, max_seq_len: int, max_batch: int = 1, device="cpu", groups=(), speculate_k: int = 0,
+                 **kwargs):
         super().__init__(model_args, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=max_batch,
                          device=device, is_io_rank=route.rank == route.io_rank, **kwargs)
         self.part = part
@@ -144,7 +148,11 @@ class DistributedGenerator(Generator):
         self.dims = dims
         self.mesh = mesh
         self.max_in_flight = dims.pp  # a group of sequences per stage: the pipeline keeps every stage busy
-        self.layout = PlanLayout(max_batch, self.scheduler.prefill_chunk)
+        # a verification step feeds k + 1 tokens a row; every rank sizes its plans alike (the k of the flags; only
+        # rank 0 has the drafter)
+        if self.drafter is not None and self.drafter.k != speculate_k:
+            raise ValueError(f"the drafter's k ({self.drafter.k}) is not speculate_k ({speculate_k})")
+        self.layout = PlanLayout(max_batch, self.scheduler.prefill_chunk, verify_width=1 + speculate_k)
         self._groups = list(groups)  # the groups this generator created, destroyed by close()
         part.setup_caches(max_batch, max_seq_len)
         self._closed = False
@@ -153,8 +161,11 @@ class DistributedGenerator(Generator):
     @classmethod
     def from_source(cls, source, tokenizer, chat_format, dims: ParallelDims, *, max_seq_len: int, max_batch: int = 1,
                     dtype: str = "fp32", device: str = "cpu", localize_tp: bool = True, model_args=None,
-                    **kwargs) -> "DistributedGenerator":
+                    make_drafter=None, **kwargs) -> "DistributedGenerator":
         """Build this rank's part of the model and load its weights (the default group must exist).
+
+        ``make_drafter``: speculative decoding, ``make_drafter() -> Drafter``, called on rank 0 only (the draft runs
+        there, beside the scheduler); every rank passes ``speculate_k``, the drafter's k, to size the plans.
 
         ``localize_tp=False`` keeps DTensor parameters and hooks (slower; the reference in tests).
         ``model_args``: the source's ModelArgs when already read (the builder's Prepared has them); else read here.
@@ -179,6 +190,8 @@ class DistributedGenerator(Generator):
             cpu.install(model, linears=plain, fuse_layers=dims.tp == 1)
         float32_prefill = on_cpu and plain and DTYPES[dtype] != torch.float32 and not cpu.native_bf16()
         part = StagePart(model, route.is_last, float32_prefill)
+        if make_drafter is not None and route.rank == route.io_rank:
+            kwargs["drafter"] = make_drafter()
         gen = cls(part, route, args, tokenizer, chat_format, dims, mesh, max_seq_len=max_seq_len, max_batch=max_batch,
                   device=device, groups=groups, **kwargs)
         gen.log(f"stage {route.stage + 1}/{dims.pp} (layers {layers.start}-{layers.stop - 1}), "
@@ -196,9 +209,10 @@ class DistributedGenerator(Generator):
         with self._failing_breaks():
             if step.targets is not None and step.tokens.numel() > self.layout.score_tokens:
                 self._grow_for_scoring(step.tokens.numel())
-            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows, step.targets))
+            plan = self.route.share_plan(self.layout.run(step.tokens, step.positions, step.rows, step.targets,
+                                                         step.verify))
             if step.targets is None:
-                self.route.expect_logits(step.tokens.size(0))
+                self.route.expect_logits(step.tokens.size(0), step.tokens.size(1) if step.verify else None)
             else:
                 self.route.expect_scores(*step.tokens.shape)
             self._run(self.layout.read(plan))  # what every rank reads from the plan, rank 0 included
@@ -265,7 +279,7 @@ class DistributedGenerator(Generator):
 
     def _run(self, plan: Plan):
         """One step on this rank: its input, its layers, its output on to the next stage (or to rank 0)."""
-        step = Step(plan.tokens, plan.positions, plan.rows, targets=plan.targets)
+        step = Step(plan.tokens, plan.positions, plan.rows, targets=plan.targets, verify=plan.kind == VERIFY)
         x = step.tokens.to(self.device) if self.route.is_first else self.route.hidden_in(*step.tokens.shape)
         self.route.pass_on(self.part.forward(x, step), scores=step.targets is not None)
 

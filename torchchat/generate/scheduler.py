@@ -48,12 +48,10 @@ class Step:
     # then returns each scored position's log-probability of its target, (B, T) float32 (0 elsewhere), not logits.
     targets: torch.Tensor | None = None
     # Verification (speculative.py): row i feeds its newest token, its draft's tokens, then padding up to T (computed
-    # and discarded); the forward returns the logits at every position, (B, T, V).
-    drafts: list[Draft] | None = None
-
-    @property
-    def verify(self) -> bool:
-        return self.drafts is not None
+    # and discarded); the forward returns the logits at every position, (B, T, V). ``drafts``: the scheduler's, on
+    # the scheduling process; the other processes of a distributed generator know only ``verify``.
+    verify: bool = False
+    drafts: list[Draft] | None = field(repr=False, default=None)
 
     @property
     def input_pos(self) -> torch.Tensor:
@@ -200,7 +198,7 @@ class Scheduler:
         rest = [seqs[i] for i in range(len(seqs)) if i not in fits]
         rows = [seqs[i].pending + drafts[i].tokens for i in fits]
         tokens = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)  # (B, T)
-        step = _step_of([seqs[i] for i in fits], tokens)
+        step = _step_of([seqs[i] for i in fits], tokens, verify=True)
         step.drafts = [drafts[i] for i in fits]
         return [step] + ([self._decode_step(rest)] if rest else [])
 
