@@ -302,8 +302,9 @@ def test_bad_input_is_a_clear_error():
         cpu_kernels.decode_layers(model, torch.randn(1, 2, 576), rope, torch.tensor([3]))
     with pytest.raises(RuntimeError, match="cache row 2 is outside the cache \\(2 rows\\)"):
         cpu_kernels.decode_layers(model, x, rope, torch.tensor([3]), torch.tensor([2]))
-    with pytest.raises(RuntimeError, match="cache row 1 is given twice"):
-        cpu_kernels.decode_layers(model, torch.randn(2, 1, 576), rope, torch.tensor([3, 4]), torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match="position 3 of cache row 1 is given twice"):
+        cpu_kernels.decode_layers(model, torch.randn(2, 1, 576), model.rope[torch.tensor([3, 3])],
+                                  torch.tensor([3, 3]), torch.tensor([1, 1]))
     block = model.layers["0"]
     cache = block.attention.kv_cache
     norms = [block.attention_norm.weight, block.ffn_norm.weight]

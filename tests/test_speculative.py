@@ -10,9 +10,12 @@ import torch
 from tests.cli_process import one_line_error, torchchat
 from tests.generators import local_generator, scripted_user, tiny_source
 from tests.model_assets import write_tiny_model
+from torchchat import cpu as cpu_kernels
 from torchchat.errors import ConfigError
 from torchchat.generate.base import GenerationArgs, Turn
+from torchchat.generate.local import verify_as_rows
 from torchchat.generate.sampling import probabilities
+from torchchat.generate.scheduler import Step
 from torchchat.generate.speculative import (Draft, ModelDrafter, PromptLookupDrafter, check_speculate_k, lookup,
                                             verify_greedy, verify_sampled)
 
@@ -118,6 +121,28 @@ def exact_distribution(gen, prompt: list[int], length: int, top_k: int) -> dict[
                 grown[prefix + (token,)] = pr * float(probs[token])
         out = grown
     return out
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode ops did not build here")
+def test_a_verification_step_computes_each_position_as_a_plain_decode_step_to_the_bit(tiny_model):
+    """Two sequences, 4 positions each, in one verification step (8 rows of the CPU block op, two to a cache row):
+    every position's logits equal, bit for bit, those of one-token decode steps fed the same tokens."""
+    torch.manual_seed(0)
+    gen = local_generator(tiny_source(tiny_model), 64, max_batch=2)
+    assert verify_as_rows(gen.model, Step(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                                          torch.arange(2), verify=True))
+    prompts = torch.randint(0, 512, (2, 10))
+    feed = torch.randint(0, 512, (2, 4))
+
+    def prefill():
+        for row in range(2):
+            gen.forward(Step(prompts[row:row + 1], torch.tensor([0]), torch.tensor([row]), prefill=True))
+    prefill()
+    verified = gen.forward(Step(feed, torch.tensor([10, 10]), torch.tensor([0, 1]), verify=True))  # (2, 4, V)
+    prefill()
+    for j in range(4):
+        stepped = gen.forward(Step(feed[:, j:j + 1], torch.tensor([10 + j] * 2), torch.tensor([0, 1])))  # (2, V)
+        assert torch.equal(verified[:, j], stepped), f"position {10 + j}"
 
 
 def test_k_is_checked_against_its_limit_and_the_context():

@@ -40,6 +40,7 @@
 #include "gemv_rows.h"
 #include "linear_rows.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -327,16 +328,21 @@ void check_step(const at::Tensor &rope, const at::Tensor &positions, const at::T
               " sequences need ", n_rows, " positions and ", n_rows, " cache rows, got ", positions.numel(), " and ",
               cache_rows.numel());
   const int64_t *pos = positions.data_ptr<int64_t>(), *row = cache_rows.data_ptr<int64_t>();
-  std::vector<bool> taken(n_cache_rows, false);
+  std::vector<std::pair<int64_t, int64_t>> written;  // (cache row, position) of each row
   for (int64_t r = 0; r < n_rows; r++) {
     TORCH_CHECK(pos[r] >= 0 && pos[r] < first.max_len, "torchchat::decode_layers: position ", pos[r],
                 " is outside the cache (", first.max_len, " positions)");
     TORCH_CHECK(row[r] >= 0 && row[r] < n_cache_rows, "torchchat::decode_layers: cache row ", row[r],
                 " is outside the cache (", n_cache_rows, " rows)");
-    TORCH_CHECK(!taken[row[r]], "torchchat::decode_layers: cache row ", row[r],
-                " is given twice: each sequence writes its own");
-    taken[row[r]] = true;
+    written.emplace_back(row[r], pos[r]);
   }
+  // Rows may share a cache row at different positions (a verification step of speculative decoding: one sequence's
+  // newest token and its draft tokens): each layer writes every row's keys and values before any row attends, so a
+  // row sees the positions the rows before it wrote, up to its own. One position written twice is refused.
+  std::sort(written.begin(), written.end());
+  const auto twice = std::adjacent_find(written.begin(), written.end());
+  TORCH_CHECK(twice == written.end(), "torchchat::decode_layers: position ", twice == written.end() ? 0 : twice->second,
+              " of cache row ", twice == written.end() ? 0 : twice->first, " is given twice: each row writes its own");
 }
 
 at::Tensor decode_layers(const at::Tensor &x, at::TensorList norms, double eps,

@@ -44,7 +44,10 @@ using namespace torchchat_cpu;
 at::Tensor multiply_rows(const at::Tensor &x32, const at::Tensor &x, const LinearWeight &w) {
   const int64_t n_rows = x32.size(0);
   at::Tensor y = at::empty({n_rows, w.n_out}, x.options().dtype(at::kFloat));  // (R, out)
-  multiply(x32.data_ptr<float>(), n_rows, w.n_in, std::array<Product, 1>{{{&w, y.data_ptr<float>(), w.n_out}}});
+  // one row (a decode step outside decode_layers: a TP rank's): the pool; several (a short prompt, a verification
+  // step of speculative decoding) come between torch's ops: torch's threads (linear_rows.h, RowThreads)
+  multiply(x32.data_ptr<float>(), n_rows, w.n_in, std::array<Product, 1>{{{&w, y.data_ptr<float>(), w.n_out}}},
+           n_rows == 1 ? RowThreads::kPool : RowThreads::kTorch);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = w.n_out;
   return y.view(sizes).to(x.scalar_type());  // (..., out)

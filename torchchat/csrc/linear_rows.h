@@ -131,8 +131,15 @@ struct Product {
 // form).
 // A row's outputs are bit-identical whatever R (gemv_rows.h), and do not depend on the thread count (a thread
 // computes whole outputs).
+// Whose threads split the rows: the kernels' pool (work_pool.h), or torch's (OpenMP). The pool is for calls that
+// own a whole step (decode_layers, a one-row gemv): beside torch's own ops, whose OpenMP threads spin ~30 us at
+// each wait (GOMP_SPINCOUNT), the pool's workers find the cores taken and the caller does every chunk (a 5-row
+// gemv between a forward's torch ops ran 1.7x slower on the pool than on OpenMP, and put the pool in solo mode).
+enum class RowThreads { kPool, kTorch };
+
 template <size_t N>
-void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array<Product, N> &products) {
+void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array<Product, N> &products,
+              RowThreads threads = RowThreads::kPool) {
   const int64_t n_in = products[0].weight->n_in;
   std::vector<std::pair<BlockForm, std::vector<QuantizedRow>>> quantized;  // (form, x's rows quantized for it)
   quantized.reserve(N);  // no reallocation: xq points into it
@@ -159,7 +166,7 @@ void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array
   for (const Product &p : products) total += p.weight->n_out, row_bytes = std::max(row_bytes, p.weight->row_bytes());
   // at least kChunkBytes a chunk, and at most kMaxChunksPerRegion chunks (a claim costs ~20 ns)
   const int64_t chunk_rows = std::max({kMinChunkRows, kChunkBytes / row_bytes, total / kMaxChunksPerRegion});
-  parallel_chunks(total, chunk_rows, [&](int64_t begin, int64_t end) {
+  auto rows = [&](int64_t begin, int64_t end) {
     int64_t first_row = 0;  // of products[i] in [0, total)
     for (size_t i = 0; i < N; i++) {
       const LinearWeight &w = *products[i].weight;
@@ -168,7 +175,11 @@ void multiply(const float *x, int64_t n_rows, int64_t x_stride, const std::array
         w.rows(lo, hi, XRows{n_rows, x, x_stride, xq[i], x16.data()}, products[i].out, products[i].out_stride);
       first_row += w.n_out;
     }
-  });
+  };
+  if (threads == RowThreads::kTorch)
+    at::parallel_for(0, total, chunk_rows, rows);  // static blocks of at least chunk_rows rows
+  else
+    parallel_chunks(total, chunk_rows, rows);
 }
 
 }  // namespace torchchat_cpu

@@ -70,6 +70,8 @@ class LocalGenerator(Generator):
         return gen
 
     def forward(self, step: Step) -> torch.Tensor:
+        if step.verify and verify_as_rows(self.model, step):
+            return self._verify_as_rows(step)  # (B, T, V)
         tokens = step.tokens.to(self.device)  # (B, T)
         input_pos, rows = positions_and_rows(step, self.device)
         with torch.no_grad():
@@ -82,6 +84,13 @@ class LocalGenerator(Generator):
                 if step.verify:  # speculative decoding: every position's logits
                     return output(hidden)  # (B, T, V)
                 return output(hidden[:, -1])  # (B, V)
+
+    def _verify_as_rows(self, step: Step) -> torch.Tensor:
+        """A verification step as a decode step of B * T rows (see verify_as_rows): (B, T, V)."""
+        batch, seq_len = step.tokens.shape
+        tokens, input_pos, rows = step_as_rows(step, self.device)
+        with torch.no_grad():
+            return self._forward_one(tokens, input_pos, rows).view(batch, seq_len, -1)  # eager: no recompiles
 
     def resize_batch(self, max_batch: int):
         self.model.setup_caches(max_batch, self.max_seq_len)
@@ -119,6 +128,25 @@ class LocalGenerator(Generator):
         reduced = self.device.type == "cpu" and next(self.model.parameters()).dtype != torch.float32
         return cpu.Float32Linears() if reduced and not cpu.native_bf16() else contextlib.nullcontext()
 
+
+
+def verify_as_rows(model, step: Step) -> bool:
+    """Does a verification step (speculative decoding) run as a decode step of B * T rows through the CPU block op
+    (row (i, j): token j of sequence i, at its position, in its cache row)? The op writes every row's keys and values
+    into the caches before any row attends, each over its own filled positions, so row (i, j) sees its sequence's
+    positions up to its own: the causal attention of a several-position forward. Each row is then computed as a
+    plain decode step computes it, to the bit (its outputs do not depend on the rows beside it), so the verified
+    tokens are exactly plain greedy decoding's, and the step costs a decode step's weight reads, not a prompt
+    forward's dispatches. Up to ``kernels.MAX_GEMV_ROWS`` rows; larger steps take the prompt path."""
+    return getattr(model, "decode_layers", None) is not None and step.tokens.numel() <= cpu.kernels.MAX_GEMV_ROWS
+
+
+def step_as_rows(step: Step, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's B rows of T tokens as B * T rows of one token: tokens (B * T, 1), positions (B * T, 1), cache rows
+    (B * T,)."""
+    batch, seq_len = step.tokens.shape
+    return (step.tokens.reshape(batch * seq_len, 1).to(device), step.input_pos.reshape(-1, 1).to(device),
+            step.rows.repeat_interleave(seq_len).to(device))
 
 
 def positions_and_rows(step: Step, device) -> tuple[torch.Tensor, torch.Tensor | None]:
