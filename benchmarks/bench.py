@@ -61,6 +61,12 @@ OUR_SETTINGS = {
 }
 
 
+# Speculative decoding on SmolLM2 fp32, beside plain fp32 on the same prompt: (draft, prompt). The passage prompt
+# repeats a passage (the model goes on quoting it); the summary prompt asks the chat model to summarize it.
+SPECULATION_SETTINGS = [("int4", "passage"), ("lookup", "passage"), (None, "summary"), ("int4", "summary"),
+                        ("lookup", "summary")]
+
+
 def plan(models: list[str], hf: bool, ggufs: list[str], only: set[str] | None) -> list[Case]:
     """The cases, in order; ``ggufs``: the files llama.cpp runs on (SmolLM2 only), none without --llama-cpp."""
     cases = []
@@ -71,6 +77,8 @@ def plan(models: list[str], hf: bool, ggufs: list[str], only: set[str] | None) -
             dtypes = ("fp32",) if model == QUICK_MODEL else ("fp32", "bf16")
             cases += [Case("transformers", model, dtype) for dtype in dtypes]
         if model == "smollm2-135m":
+            cases += [Case("torchchat", model, "fp32", draft=draft, prompt=prompt)
+                      for draft, prompt in SPECULATION_SETTINGS]
             cases += [Case("llama.cpp", model, gguf_type(path), gguf=path) for path in ggufs]
     if only:
         cases = [c for c in cases if c.setting in only or f"{c.engine} {c.setting}" in only]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(BENCH.parent))  # benchlib, as bench.py finds it when run
 from benchlib.cases import Case, Result, Workload  # noqa: E402
 from benchlib.hogs import SPIN, cpu_hogs  # noqa: E402
 from benchlib.llama_cpp_engine import gguf_type, parse_llama_bench  # noqa: E402
-from benchlib.report import agreement, annotate  # noqa: E402
+from benchlib.report import agreement, annotate, columns  # noqa: E402
 from benchlib.runner import conditions, merge, worker_environ  # noqa: E402
 from benchlib.transformers_engine import to_hf_state_dict  # noqa: E402
 from benchlib.weights import random_state_dict  # noqa: E402
@@ -197,3 +197,15 @@ def test_torchchat_workers_get_the_openmp_wait_a_user_run_gets_and_the_users_cho
     assert "GOMP_SPINCOUNT" not in worker_environ(hf, Workload())
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     assert "GOMP_SPINCOUNT" not in worker_environ(ours, Workload())
+
+
+def test_speculation_rows_are_compared_with_plain_decoding_on_the_same_prompt():
+    def result(setting, decode, tokens):
+        return Result("torchchat", "smollm2-135m", "fp32", setting, decode_tok_s=decode, tokens=tokens)
+
+    rows = annotate([result("fp32", 40.0, [1, 2, 3]), result("fp32 +draft int4", 70.0, [1, 2, 3]),
+                     result("fp32 summary", 42.0, [4, 5, 6]), result("fp32 +draft lookup summary", 21.0, [4, 5, 7])])
+    assert [r.get("decode_vs_plain") for r in rows] == [None, 1.75, None, 0.5]
+    assert [r.get("agree_vs_fp32") for r in rows] == [None, 1.0, None, 2 / 3]  # each against its own prompt's
+    assert [c[0] for c in columns(rows)].count("spec x") == 1 and "spec x" not in [c[0] for c in columns(rows[:1])]
+    assert Case("torchchat", "m", "fp32", draft="int4", prompt="summary").setting == "fp32 +draft int4 summary"

@@ -18,10 +18,14 @@ class Case:
     quantize: str | None = None  # torchchat: "int8" or "int4" weight-only
     compile: bool = False  # torchchat: torch.compile the decode step
     gguf: str | None = None  # llama.cpp: the file it runs on (dtype is then its tensor type, e.g. "Q4_1")
+    draft: str | None = None  # torchchat, speculative decoding: "int4" (the model's own weights) or "lookup"
+    prompt: str = "passage"  # SmolLM2: "passage" (the passage repeated) or "summary" (a chat asking to summarize it)
 
     @property
     def setting(self) -> str:
         parts = [self.dtype] + ([self.quantize] if self.quantize else []) + (["compile"] if self.compile else [])
+        parts += [f"+draft {self.draft}"] if self.draft else []
+        parts += [self.prompt] if self.prompt != "passage" else []
         return " ".join(parts)
 
 

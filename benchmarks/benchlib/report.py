@@ -28,8 +28,11 @@ def annotate(results: list[Result]) -> list[dict]:
         same_load = [p for p in results if p.busy == r.busy]
         peer = next((p for p in same_load if p.engine == "transformers" and p.model == r.model
                      and p.dtype == r.dtype), None)
+        reference = "fp32 summary" if r.setting.endswith(" summary") else "fp32"  # the same prompt
         ref = next((p for p in same_load if p.engine == "torchchat" and p.model == r.model
-                    and p.setting == "fp32"), None)
+                    and p.setting == reference), None)
+        if "+draft" in r.setting and ref is not None and ref.decode_tok_s:
+            row["decode_vs_plain"] = r.decode_tok_s / ref.decode_tok_s  # speculative decoding's gain
         quiet = next((p for p in results if not p.busy and (p.engine, p.model, p.setting) == (r.engine, r.model,
                                                                                                r.setting)), None)
         if r.busy and quiet is not None and quiet.decode_tok_s:
@@ -54,7 +57,7 @@ LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "fp32 int8": "Q8_0", "fp32 int
 COLUMNS = [  # (title, width, cell)
     ("engine", 13, lambda r: r["engine"]),
     ("model", 14, lambda r: r["model"]),
-    ("setting", 19, lambda r: r["setting"]),
+    ("setting", 26, lambda r: r["setting"]),
     ("hogs", 4, lambda r: str(r.get("busy", 0))),
     ("kept", 5, lambda r: f"{r['kept']:.2f}" if r.get("kept") is not None else "-"),
     ("TTFT s", 8, lambda r: f"{r['ttft_s']:.3f}"),
@@ -63,6 +66,7 @@ COLUMNS = [  # (title, width, cell)
     ("ceil%", 6, lambda r: f"{r['pct_of_ceiling']:.0f}%" if r.get("pct_of_ceiling") is not None else "-"),
     ("dec/HF", 7, lambda r: f"{r['decode_vs_hf']:.2f}x" if r.get("decode_vs_hf") else "-"),
     ("pre/HF", 7, lambda r: f"{r['prefill_vs_hf']:.2f}x" if r.get("prefill_vs_hf") else "-"),
+    ("spec x", 6, lambda r: f"{r['decode_vs_plain']:.2f}x" if r.get("decode_vs_plain") else "-"),
     ("dec/l.cpp", 9, lambda r: f"{r['decode_vs_llama_cpp']:.2f}x" if r.get("decode_vs_llama_cpp") else "-"),
     ("load s", 7, lambda r: f"{r['load_s']:.2f}"),
     ("RSS MB", 7, lambda r: f"{r['peak_rss_mb']:.0f}"),
@@ -73,15 +77,17 @@ COLUMNS = [  # (title, width, cell)
 
 
 BUSY_COLUMNS = ("hogs", "kept")  # shown only when some row ran beside CPU hogs
+SPECULATION_COLUMNS = ("spec x",)  # shown only when some row speculated
 
 
 def _is_reference(row: dict) -> bool:
-    return row["engine"] == "torchchat" and row["setting"] == "fp32"
+    return row["engine"] == "torchchat" and row["setting"] in ("fp32", "fp32 summary")
 
 
 def columns(rows: list[dict]) -> list:
-    busy = any(r.get("busy") for r in rows)
-    return [c for c in COLUMNS if busy or c[0] not in BUSY_COLUMNS]
+    hidden = (() if any(r.get("busy") for r in rows) else BUSY_COLUMNS) + \
+        (() if any(r.get("decode_vs_plain") for r in rows) else SPECULATION_COLUMNS)
+    return [c for c in COLUMNS if c[0] not in hidden]
 
 
 def print_table(rows: list[dict], out=sys.stdout):

@@ -95,6 +95,23 @@ def prompt_ids(model: str, n: int, vocab_size: int) -> list[int]:
     return [(i * 7919 + 13) % (vocab_size - 1) + 1 for i in range(n)]
 
 
+def summary_prompt_ids(n: int) -> list[int]:
+    """SmolLM2's chat template asking to summarize the passage, at most n tokens (the passage cut to fit)."""
+    from torchchat.chat_format import chat_format_for
+    from torchchat.tokenizer import load_tokenizer
+
+    source = smollm2_source()
+    tokenizer = load_tokenizer(source)
+    chat = chat_format_for(tokenizer, source)
+    words = PASSAGE.split()
+    while True:
+        ids = chat.encode_dialog([{"role": "user", "content": "Summarize this text in a few sentences, quoting its "
+                                   "key phrases:\n\n" + " ".join(words)}])
+        if len(ids) <= n or len(words) < 8:
+            return ids
+        words = words[:len(words) * 9 // 10]
+
+
 def weight_bytes(module) -> int:
     """Bytes of the weights a batch-1 decode step reads: the parameters and saved buffers of every
     module but the embedding table (one row of it is read), each tensor once (a tied output layer is
