@@ -7,7 +7,8 @@ DTensor collective is counted as well). Both must equal the docstring's formula,
 TP 2, PP 2 and TP 2 x PP 2 on the tiny model, given the number of forward steps rank 0 started: prompt chunks
 of 4 tokens, a request of 2 samples (the cache rows grow from 1 to 2: a resize plan), then two requests at once
 (in a pipeline, two steps in flight), then ``Generator.score`` of 3 windows (`eval`: scoring steps, which outgrow
-the plan: a grow plan).
+the plan: a grow plan). Rank 0 speculates (a drafter that always drafts, k 2): its verification steps are among the
+forward steps, at no other cost in operations.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ from torchchat.generate.base import GenerationArgs, Turn
 ARGS = GenerationArgs(max_new_tokens=5, temperature=0)
 PROMPT = [1, 2, 3, 4, 5, 6, 7]  # two chunks of at most 4 tokens
 WINDOWS = [list(range(k, k + 8)) for k in (1, 9, 17)]  # scored from position 4: 2 windows a step in 2 cache rows
+SPECULATE_K = 2
+
+
+def always_drafting():
+    """A drafter that always drafts (k copies of the newest token): every decode step is a verification."""
+    from torchchat.generate.speculative import Draft, Drafter
+
+    class Repeating(Drafter):
+        def propose(self, context, slot, most, args, rng):
+            return Draft(context[-1:] * most)
+    return Repeating(SPECULATE_K)
 
 
 def budget_worker(rank: int, world: int, source, tp: int, pp: int):
@@ -39,7 +51,8 @@ def budget_worker(rank: int, world: int, source, tp: int, pp: int):
     tokenizer = load_tokenizer(source)
     gen = DistributedGenerator.from_source(source, tokenizer, chat_format_for(tokenizer, source),
                                            ParallelDims(tp, pp, world), max_seq_len=64, prefill_chunk=4,
-                                           out=io.StringIO(), err=io.StringIO())
+                                           out=io.StringIO(), err=io.StringIO(), speculate_k=SPECULATE_K,
+                                           make_drafter=always_drafting)
     steps = _count_starts(gen)
     try:
         collectives.reset_counts()
@@ -73,6 +86,7 @@ def _count_starts(gen) -> Counter:
 
     def counted(step):
         started["generate" if step.targets is None else "score"] += 1
+        started["verify"] += step.verify  # among the "generate" ones
         start(step)
     gen.start = counted
     return started
@@ -126,6 +140,7 @@ def test_counted_collectives_equal_the_budget(tiny_model, tp, pp):
     # at least: 2 chunks + 4 decode steps of the samples; 1 + 2 chunks and 4 decode steps of the two requests (more
     # where a pipeline runs the sequences in a group each)
     assert steps >= 13, steps
+    assert results[0][2]["verify"] > 0, "no verification step ran"
     assert scoring == (2 if pp == 1 else 3), scoring  # 2 cache rows: 2 windows a step, 1 an in-flight step at pp 2
     for rank, (helpers, wire, _, stage, tp_rank, layers) in enumerate(results):
         where = f"rank {rank} (stage {stage}, tp rank {tp_rank}, {layers} layers; tp {tp}, pp {pp}; {steps} steps, " \

@@ -58,6 +58,15 @@ fp16) model on CPU the ``tp_all_reduce`` after ``wo`` and ``w2`` carries float32
 after the sum, as one process's linear rounds: see ``RowwiseLinear``), twice the bytes of the model's dtype;
 the embedding's stays in the model's dtype (its sum adds zeros: exact).
 
+Speculative decoding (``--draft-*``, ``--prompt-lookup``; generate/speculative.py): the drafter runs on rank 0,
+beside the scheduler (a draft model in rank 0's process); a verification step (``Step.verify``: each sequence's
+newest token and up to k draft tokens) is a VERIFY plan, one of the ``S`` steps above at the same cost in
+operations: nothing is added per verification. Only its sizes grow: every rank sizes its plans for k + 1 tokens a
+row (``PlanLayout.verify_width``, from the same flags), the last stage returns the logits at every position
+(B, T, V) instead of the last one's (``send_logits`` / ``recv_logits`` carry T times the bytes; under TP,
+``tp_all_gather`` gathers every position's vocab shards). A verification of n draft tokens replaces up to n + 1
+decode steps, so the collectives per generated token fall by the tokens kept per verification.
+
 Waits: a plan may wait as long as a human (a chat between turns): plans travel on a long-timeout group, and
 everything else, plans' senders included, waits at most TORCHCHAT_DIST_TIMEOUT_S (collectives.py).
 """
