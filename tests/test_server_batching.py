@@ -328,3 +328,22 @@ def test_a_failing_step_answers_every_request_in_it_and_the_engine_serves_on(pri
     assert all(isinstance(e, RuntimeError) for e in failed), failed  # both were in the failed step
     assert [api_error(e).status for e in failed] == [500, 500]
     assert after[0].tokens == gen.complete(turn(PROMPTS[2]))[0].tokens  # and right
+
+
+def test_a_speculating_server_gives_concurrent_clients_their_plain_greedy_text(printable, alone, tmp_path):
+    """`server --prompt-lookup 2 --max-batch 3`: three streams at once, each verification step batching their
+    drafts (of different lengths), a fourth waiting for a slot; each gets the text it gets alone without drafting."""
+    spec = ServerProcess([*printable.cli_flags(), "--max-seq-length", "512", "--max-batch", str(SMALL_BATCH),
+                          "--prompt-lookup", "2"], tmp_path / "server.log").wait_ready()
+    try:
+        streams = [Stream(spec, prompt, 120) for prompt in PROMPTS[:4]]
+        for s in streams:
+            s.start()
+        for s in streams:
+            s.result()
+        for prompt, s in zip(PROMPTS, streams):
+            assert s.text == alone(prompt, 120).text, prompt
+        assert "speculative decoding: prompt lookup (2-grams), k 4" in spec.log()
+    finally:
+        spec.stop()
+    assert "draft tokens accepted" in spec.log()
