@@ -184,10 +184,18 @@ def lookup_drafter():
     return PromptLookupDrafter(SPECULATE_K, 2)
 
 
-def tiny_drafter(checkpoint: str, tokenizer: str, max_seq_len: int):
-    """A draft model: another tiny model (other weights, the same tokenizer), in rank 0's process."""
+def tiny_drafter(checkpoint: str, tokenizer: str, max_seq_len: int, quantize: str | None = None):
+    """A draft model in rank 0's process: another tiny model (other weights, the same tokenizer), or ``quantize``d
+    the model's own weights (self-drafting, --draft-quantize)."""
+    from torchchat.generate.local import LocalGenerator
+    from torchchat.quantize import quantize_model
+
     source = ModelSource("draft", checkpoint_path=Path(checkpoint), tokenizer_path=Path(tokenizer))
-    return ModelDrafter(SPECULATE_K, local_generator(source, max_seq_len=max_seq_len))
+    model, tokenizer, chat_format = load_parts(source)
+    if quantize:
+        quantize_model(model, quantize)
+    return ModelDrafter(SPECULATE_K, LocalGenerator(model, tokenizer, chat_format, max_seq_len=max_seq_len,
+                                                    out=io.StringIO(), err=io.StringIO()))
 
 
 def _tokens(completions):
@@ -284,7 +292,8 @@ SCORE_TP_LOG_PROB = 8e-4
 
 # Speculative decoding through the parallel model: the greedy requests of SCHEDULE with prompt lookup (rows of one
 # verification drafting different amounts, a prompt chunk beside them), and the chat with a draft model in rank
-# 0's process; each against the model's plain greedy output in one process.
+# 0's process (TP 2: another tiny model; PP 2: the model's own weights in int4); each against the model's plain
+# greedy output in one process.
 SPEC_SCHEDULE = [entry for entry in SCHEDULE if entry[2].temperature == 0]
 SPECULATE_K = 3
 SPEC_LAYOUTS = [(2, 1), (1, 2), (2, 2)]
@@ -297,13 +306,16 @@ CHAT_LAYOUTS = [(2, 1), (1, 2)]
 KERNEL_LAYOUTS = [(2, 1), (1, 2)]
 
 
-def tiny_cases(tp: int, pp: int, draft) -> dict:
+def tiny_cases(tp: int, pp: int, draft, model) -> dict:
     cases = {"greedy": ("generate", {"max_seq_len": 64}, TINY_RUNS)}
     if (tp, pp) in SPEC_LAYOUTS:
         cases["speculative schedule"] = ("speculative schedule", {**SCHEDULE_KWARGS, "speculate_k": SPECULATE_K,
                                                                   "make_drafter": lookup_drafter}, SPEC_SCHEDULE)
     if (tp, pp) in SPEC_CHAT_LAYOUTS:
-        make = functools.partial(tiny_drafter, str(draft.checkpoint), str(draft.tokenizer), 256)
+        # TP 2: another model drafts; PP 2: the model's own weights in int4
+        drafting = (draft, None) if pp == 1 else (model, "int4")
+        make = functools.partial(tiny_drafter, str(drafting[0].checkpoint), str(drafting[0].tokenizer), 256,
+                                 drafting[1])
         cases["speculative chat"] = ("speculative chat", {"max_seq_len": 256, "speculate_k": SPECULATE_K,
                                                           "make_drafter": make}, CHAT)
     if (tp, pp) in BATCH_LAYOUTS:
@@ -332,7 +344,7 @@ def launched(tiny_model, tmp_path_factory):
 
     def launch(tp: int, pp: int) -> list[dict]:
         if (tp, pp) not in done:
-            done[(tp, pp)] = run_ranks(layout_worker, tp * pp, source, tp, pp, tiny_cases(tp, pp, draft),
+            done[(tp, pp)] = run_ranks(layout_worker, tp * pp, source, tp, pp, tiny_cases(tp, pp, draft, tiny_model),
                                        timeout=300)
         return done[(tp, pp)]
     return launch

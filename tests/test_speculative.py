@@ -252,3 +252,41 @@ def test_bad_speculation_flags_are_one_line_before_the_weights_load(tiny_model, 
     proc = torchchat("generate", *tiny_model.cli_flags(), "--prompt", "hi", "--max-new-tokens", "4", *flags)
     one_line_error(proc, *fragments)
     assert "loaded" not in proc.stderr
+
+
+# ----- SmolLM2 -----
+
+
+def test_smollm2_fp32_greedy_with_its_int4_self_draft_and_prompt_lookup_is_plain_greedy(smollm2_gguf):
+    """The real model, fp32, three prompts and a chat of two turns: plain greedy text, token for token, with the
+    model's own weights in int4 as the draft (which SmolLM2 keeps ~90% of) and with prompt lookup."""
+    import io
+
+    from torchchat.catalog import ModelSource
+    from torchchat.chat_format import chat_format_for
+    from torchchat.generate.local import LocalGenerator
+    from torchchat.tokenizer import load_tokenizer
+
+    source = ModelSource("smollm2-135m", gguf_path=smollm2_gguf)
+    tokenizer = load_tokenizer(source)
+    chat_format = chat_format_for(tokenizer, source)
+
+    def build(drafter=None, quantize=None):
+        return LocalGenerator.from_source(source, tokenizer, chat_format, max_seq_len=256, dtype="fp32",
+                                          quantize=quantize, drafter=drafter, out=io.StringIO(), err=io.StringIO())
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
+               "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+    turns = ["What is the tallest mountain on Earth?", "And the second tallest?"]
+    args = GenerationArgs(40, temperature=0)
+
+    def run(gen):
+        texts = [gen.complete(Turn(gen.encode_prompt(p), args))[0].tokens for p in prompts]
+        out = []
+        gen.write = out.append
+        gen.run_chat(args, scripted_user(turns))
+        return texts, "".join(out)
+    expected = run(build())
+    self_draft = build(ModelDrafter(4, build(quantize="int4")))
+    assert run(self_draft) == expected
+    assert self_draft.last_stats.acceptance_rate > 0.5, self_draft.last_stats
+    assert run(build(PromptLookupDrafter(4, 3))) == expected
