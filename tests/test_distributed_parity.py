@@ -449,13 +449,18 @@ def test_tensor_parallel_in_bf16(tiny_model, launched):
     assert len(parted) <= BF16_TP2_PARTED_AT_MOST, f"tp 2 bf16 parted from LocalGenerator's on {parted}"
 
 
-@pytest.mark.parametrize("tp,pp", CHAT_LAYOUTS, ids=lambda v: str(v))
-def test_chat_transcript_matches_local(tiny_model, launched, tp, pp):
+def _local_chat(tiny_model) -> tuple[str, list]:
+    """CHAT through one process: its transcript and its replies' tokens."""
     local = local_generator(tiny_source(tiny_model), max_seq_len=256)
     replies = _recording_replies(local)
     assert local.run_chat(CHAT_ARGS, scripted_user(CHAT)) == 2
+    return local.out.getvalue(), replies
+
+
+@pytest.mark.parametrize("tp,pp", CHAT_LAYOUTS, ids=lambda v: str(v))
+def test_chat_transcript_matches_local(tiny_model, launched, tp, pp):
     results = [r["chat"] for r in launched(tp, pp)]
-    assert results[0] == (local.out.getvalue(), replies)
+    assert results[0] == _local_chat(tiny_model)
     assert results[1:] == [("", [])] * (tp * pp - 1), "only rank 0 writes, and holds the replies"
 
 
@@ -472,12 +477,9 @@ def test_speculative_requests_in_flight_give_plain_greedy_tokens(tiny_model, lau
 
 @pytest.mark.parametrize("tp,pp", SPEC_CHAT_LAYOUTS, ids=lambda v: str(v))
 def test_speculative_chat_with_a_draft_model_matches_plain_local(tiny_model, launched, tp, pp):
-    local = local_generator(tiny_source(tiny_model), max_seq_len=256)
-    replies = _recording_replies(local)
-    assert local.run_chat(CHAT_ARGS, scripted_user(CHAT)) == 2
     results = [r["speculative chat"] for r in launched(tp, pp)]
     transcript, drafted = results[0]
-    assert transcript == (local.out.getvalue(), replies) and drafted > 0
+    assert transcript == _local_chat(tiny_model) and drafted > 0
     assert results[1:] == [("", [])] * (tp * pp - 1), "only rank 0 writes, and holds the replies"
 
 

@@ -241,16 +241,15 @@ class Scheduler:
             stats.drafted += len(draft.tokens)
             stats.accepted += len(new) - 1
             stats.verifications += 1
-            fed = seq.pending
-            taken = 0
-            for token in new:
+            newest, taken = seq.pending, 0
+            for token in new:  # in order, until a stop condition (a stop token among the kept drafts ends it)
                 seq.accept(token)
                 taken += 1
                 if seq.finished:
                     break
-            fed = fed + new[:min(taken, len(new) - 1)]  # the newest token and the kept drafts it was fed with
-            self.slots[seq.slot].cached += fed
-            seq.pos += len(fed)
+            in_cache = newest + new[:min(taken, len(new) - 1)]  # fed with the step: the newest and kept drafts
+            self.slots[seq.slot].cached += in_cache
+            seq.pos += len(in_cache)
         self._leave_finished(seq for _, seq in live)
 
     def _leave_finished(self, seqs):
