@@ -89,7 +89,7 @@ from torchchat.distributed.pipeline import StepRoute, trim_to_stage
 from torchchat.distributed.plan import END, GROW, RESIZE, VERIFY, Plan, PlanLayout
 from torchchat.distributed.tensor_parallel import GatheredLinear, localize, parallelize
 from torchchat.generate.base import Generator
-from torchchat.generate.local import DTYPES, positions_and_rows
+from torchchat.generate.local import DTYPES, positions_and_rows, step_as_rows, verify_as_rows
 from torchchat.generate.scheduler import Step
 from torchchat.generate.scoring import SCORE_ROWS, target_log_probs
 from torchchat.generate.stats import peak_memory_mb
@@ -116,6 +116,8 @@ class StagePart:
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """x: tokens (B, T) or hidden states (B, T, dim) -> hidden states (B, T, dim), or logits (B, V) on the last
         stage."""
+        if step.verify and verify_as_rows(self.model, step):  # as LocalGenerator verifies: B * T decode rows
+            return self._verify_as_rows(x, step)
         input_pos, rows = positions_and_rows(step, x.device)  # as LocalGenerator passes them: the same kernels
         prompt = step.tokens.size(1) > 1
         linears = cpu.Float32Linears() if prompt and self.float32_prefill else contextlib.nullcontext()
@@ -129,6 +131,16 @@ class StagePart:
                 every = getattr(self.output, "every_position", self.output)  # a vocab shard gathers them all
                 return every(hidden)  # (B, T, V)
             return self.output(hidden[:, -1:])[:, -1]  # (B, V)
+
+    def _verify_as_rows(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """A verification step through this stage's block op (local.verify_as_rows): hidden states (B, T, dim) on,
+        or every position's logits (B, T, V) on the last stage."""
+        batch, seq_len = step.tokens.shape
+        _, input_pos, rows = step_as_rows(step, x.device)
+        with torch.no_grad():
+            hidden = self.model(x.reshape(batch * seq_len, 1, *x.shape[2:]), input_pos, rows)  # (B * T, 1, dim)
+            out = hidden if self.output is None else self.output(hidden)  # (B * T, 1, dim or V)
+        return out.view(batch, seq_len, -1)
 
     def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if isinstance(self.output, GatheredLinear):  # a vocab shard: a vocab-parallel log-softmax

@@ -33,6 +33,7 @@ import torch
 
 from torchchat.errors import ConfigError
 from torchchat.generate.sampling import probabilities
+from torchchat.generate.step import Step
 
 SINGLE_STEPS = 4  # a draft model feeds this many tokens or fewer as one-position steps
 MAX_SPECULATE_K = 32  # draft tokens a verification; more only add positions the target computes and discards
@@ -158,8 +159,6 @@ class ModelDrafter(Drafter):
         """Feed ``tokens`` at ``position`` in row ``slot`` (a long context in chunks, a few tokens one at a time:
         a one-position step reads quantized weights as they are, a longer forward dequantizes them); the logits
         (V,) after them."""
-        from torchchat.generate.scheduler import Step
-
         size = 1 if len(tokens) <= SINGLE_STEPS else self.chunk
         for begin in range(0, len(tokens), size):
             piece = tokens[begin:begin + size]
