@@ -290,3 +290,15 @@ def test_smollm2_fp32_greedy_with_its_int4_self_draft_and_prompt_lookup_is_plain
     assert run(self_draft) == expected
     assert self_draft.last_stats.acceptance_rate > 0.5, self_draft.last_stats
     assert run(build(PromptLookupDrafter(4, 3))) == expected
+
+
+def test_the_draft_models_cache_rows_follow_a_resize(tiny_model, other_tiny):
+    """A request of 3 samples grows the generator's cache rows from 1 to 3, and its draft model's with them: every
+    sample (greedy, all alike) is the plain greedy text, its draft rows following its own cache row."""
+    plain = local_generator(tiny_source(tiny_model))
+    gen = local_generator(tiny_source(tiny_model), drafter=drafters(tiny_model, other_tiny)["same model"]())
+    prompt = plain.encode_prompt("Once upon a time")
+    expected = plain.complete(Turn(prompt, GREEDY))[0].tokens
+    got = gen.complete(Turn(prompt, GenerationArgs(48, temperature=0, num_samples=3)))
+    assert [c.tokens for c in got] == [expected] * 3 and gen.max_batch == gen.drafter.gen.max_batch == 3
+    assert gen.last_stats.accepted == gen.last_stats.drafted > 0
