@@ -202,7 +202,9 @@ def test_stats_report_acceptance(tiny_model):
     s = gen.last_stats
     line = s.summary(gen.device)
     assert f"{s.accepted}/{s.drafted} draft tokens accepted" in line and "tokens per verification" in line
-    assert s.tokens_per_verification == pytest.approx((s.accepted + s.verifications) / s.verifications)
+    # every token after the first came from a verification (the prompt's end drafts nothing only if no match)
+    assert s.verified_tokens <= s.accepted + s.verifications and s.new_tokens - 1 >= s.verified_tokens
+    assert s.tokens_per_verification == pytest.approx(s.verified_tokens / s.verifications)
 
 
 def test_drafts_never_run_past_max_new_tokens_or_the_context(tiny_model):

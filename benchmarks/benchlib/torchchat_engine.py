@@ -44,14 +44,15 @@ def run_torchchat(case: Case, w: Workload) -> Result:
     result = new_result(case, w, gen.model, load_s=time.perf_counter() - t0)
     prompt = summary_prompt_ids(w.prompt_tokens) if case.prompt == "summary" else \
         prompt_ids(case.model, w.prompt_tokens, args.vocab_size)
-    drafted = accepted = verifications = 0
+    drafted = accepted = verifications = verified = 0
 
     def generate(n: int):
-        nonlocal drafted, accepted, verifications
+        nonlocal drafted, accepted, verifications, verified
         turn = Turn(prompt, GenerationArgs(max_new_tokens=n, temperature=0, top_k=None, seed=0))
         tokens = [step[0] for step in gen.generate_tokens(turn)]  # the CLI's path, stop tokens aside
         s = gen.last_stats
         drafted, accepted, verifications = drafted + s.drafted, accepted + s.accepted, verifications + s.verifications
+        verified += s.verified_tokens
         return tokens, s.ttft_s, s.decode_s
 
     if len(prompt) != w.prompt_tokens:  # the summary prompt is as long as the chat template makes it
@@ -62,7 +63,7 @@ def run_torchchat(case: Case, w: Workload) -> Result:
         result.note = f"prompt: a request to summarize the passage, {len(prompt)} tokens with the chat template"
     if verifications:
         result.note = (result.note + f" speculation k {SPECULATE_K}: {accepted}/{drafted} draft tokens accepted "
-                       f"({100 * accepted / drafted:.0f}%), {(accepted + verifications) / verifications:.2f} tokens "
+                       f"({100 * accepted / drafted:.0f}%), {verified / verifications:.2f} tokens "
                        f"a verification").strip()
     return result
 

@@ -223,6 +223,7 @@ class Scheduler:
                 taken += 1
                 if seq.finished:
                     break
+            stats.verified_tokens += taken
             in_cache = newest + new[:min(taken, len(new) - 1)]  # fed with the step: the newest and kept drafts
             self.slots[seq.slot].cached += in_cache
             seq.pos += len(in_cache)

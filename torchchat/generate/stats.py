@@ -17,10 +17,12 @@ class GenerationStats:
     new_tokens: int = 0  # per sequence, counting the first one (from prefill)
     ttft_s: float = 0.0  # time to first token: prefill plus its sampling
     decode_s: float = 0.0  # time for the tokens after the first
-    # speculative decoding, summed over the sequences: verifications, draft tokens proposed and kept
+    # speculative decoding, summed over the sequences: verifications, draft tokens proposed and those the model agreed
+    # with, tokens the verifications gave (a stop token among the kept drafts ends the sequence there)
     verifications: int = 0
     drafted: int = 0
     accepted: int = 0
+    verified_tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -30,7 +32,7 @@ class GenerationStats:
     @property
     def tokens_per_verification(self) -> float:
         """Tokens a verification forward gave a sequence: the kept draft tokens and the target's own one."""
-        return (self.accepted + self.verifications) / self.verifications if self.verifications else 0.0
+        return self.verified_tokens / self.verifications if self.verifications else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
