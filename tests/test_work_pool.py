@@ -20,8 +20,9 @@ LATE_US = 300_000  # a late worker's sleep before it claims: far longer than any
 
 
 def pool_counts() -> dict[str, int]:
-    regions, caller, worker, wait_ns, sleeps, solo = torch.ops.torchchat.work_pool_counts()
-    return {"regions": regions, "caller_chunks": caller, "worker_chunks": worker, "solo_regions": solo}
+    regions, caller, worker, wait_ns, sleeps, solo, woken = torch.ops.torchchat.work_pool_counts()
+    return {"regions": regions, "caller_chunks": caller, "worker_chunks": worker, "solo_regions": solo,
+            "woken_regions": woken}
 
 
 @pytest.fixture()
@@ -112,19 +113,24 @@ def test_a_late_worker_holds_nobody_up(pool):
 
 def test_workers_that_do_not_help_are_left_asleep(pool):
     """Never worse than one thread: regions in which the workers compute (almost) nothing, window after window, make
-    the pool run the next ones on the caller alone (solo regions), then try the workers again."""
+    the pool run the next short ones on the caller alone (solo regions), and wake the sleeping workers only for long
+    ones (a woken thread preempts whoever shares its core; a wake-up costs a few us); then spin again."""
     torch.manual_seed(0)
-    x, weight = torch.randn(1, 576), torch.randn(1024, 576)
+    x, short, long = torch.randn(1, 576), torch.randn(256, 576), torch.randn(4096, 576)  # fp32: 19 and 293 chunks
 
     def many():
-        return [torch.ops.torchchat.gemv(x, weight) for _ in range(400)]
+        outs = [torch.ops.torchchat.gemv(x, short) for _ in range(400)]
+        return outs, torch.ops.torchchat.gemv(x, long)
 
-    outs = runs(2, many, LATE_US)
+    reference = runs(1, lambda: torch.ops.torchchat.gemv(x, long))
+    torch.ops.torchchat.work_pool_reset()
+    outs, long_out = returns_within(60, lambda: runs(2, many, LATE_US))
     counts = pool_counts()
-    assert all(torch.equal(out, outs[0]) for out in outs)
+    assert all(torch.equal(out, outs[0]) for out in outs) and torch.equal(long_out, reference)
     assert counts["worker_chunks"] == 0, counts
-    assert counts["solo_regions"] > 0 and counts["regions"] + counts["solo_regions"] == 400, counts
+    assert counts["solo_regions"] > 0 and counts["regions"] + counts["solo_regions"] == 401, counts
     assert counts["regions"] >= 128, counts  # two windows of 64 regions judged before the first solo one
+    assert counts["woken_regions"] == 1, counts  # the long one: published, the workers woken for it
 
 
 def test_the_pool_follows_torchs_thread_count(pool):

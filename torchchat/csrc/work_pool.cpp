@@ -1,6 +1,6 @@
 // The pool's counters and its testing knob as ops (work_pool.h):
 //   torch.ops.torchchat.work_pool_counts() -> [regions, caller_chunks, worker_chunks, caller_wait_ns, caller_sleeps,
-//   solo_regions] since the last reset (PoolCounts);
+//   solo_regions, woken_regions] since the last reset (PoolCounts);
 //   torch.ops.torchchat.work_pool_reset(): counts from zero, workers judged afresh (work_pool.h: WorkPool::judge);
 //   torch.ops.torchchat.work_pool_worker_delay(us): each worker sleeps us microseconds after seeing a region, before
 //   it claims (tests: a thread that starts late; 0 to stop).
@@ -17,7 +17,8 @@ using namespace torchchat_cpu;
 
 std::vector<int64_t> work_pool_counts() {
   const PoolCounts c = work_pool().counts();
-  return {c.regions, c.caller_chunks, c.worker_chunks, c.caller_wait_ns, c.caller_sleeps, c.solo_regions};
+  return {c.regions,       c.caller_chunks, c.worker_chunks, c.caller_wait_ns,
+          c.caller_sleeps, c.solo_regions,  c.woken_regions};
 }
 
 void work_pool_reset() { work_pool().reset(); }
