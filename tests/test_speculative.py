@@ -16,8 +16,8 @@ from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.generate.local import verify_as_rows
 from torchchat.generate.sampling import probabilities
 from torchchat.generate.scheduler import Step
-from torchchat.generate.speculative import (Draft, ModelDrafter, PromptLookupDrafter, check_speculate_k, lookup,
-                                            verify_greedy, verify_sampled)
+from torchchat.generate.speculative import (Draft, Drafter, ModelDrafter, PromptLookupDrafter, check_speculate_k,
+                                            lookup, verify_greedy, verify_sampled)
 
 PROMPTS = ["the cat sat on the mat and the cat sat on the", "Once upon a time", "abc abc abc abc", "x"]
 GREEDY = GenerationArgs(48, temperature=0)
@@ -304,3 +304,22 @@ def test_the_draft_models_cache_rows_follow_a_resize(tiny_model, other_tiny):
     got = gen.complete(Turn(prompt, GenerationArgs(48, temperature=0, num_samples=3)))
     assert [c.tokens for c in got] == [expected] * 3 and gen.max_batch == gen.drafter.gen.max_batch == 3
     assert gen.last_stats.accepted == gen.last_stats.drafted > 0
+
+
+def test_a_sequence_whose_drafts_are_all_rejected_drafts_less_and_still_gets_plain_greedy_text(tiny_model):
+    """A drafter that is always wrong (it proposes a token the greedy text never has there): after each rejected
+    draft the sequence pauses drafting for 1, 2, 4, ... 16 decode steps, so 47 decode steps propose far fewer than
+    47 x 4 tokens; the text is plain greedy all the same."""
+    plain = local_generator(tiny_source(tiny_model))
+    prompt = plain.encode_prompt("Once upon a time")
+    expected = plain.complete(Turn(prompt, GREEDY))[0].tokens
+    wrong_after = {i: t for i, t in enumerate(prompt + expected)}
+
+    class Wrong(Drafter):
+        def propose(self, context, slot, most, args, rng):
+            return Draft([(wrong_after[len(context)] + 1) % 512] * most)  # never the greedy token there
+
+    gen = local_generator(tiny_source(tiny_model), drafter=Wrong(4))
+    assert gen.complete(Turn(prompt, GREEDY))[0].tokens == expected
+    stats = gen.last_stats
+    assert stats.accepted == 0 and 0 < stats.verifications <= 8, stats  # pauses 1 2 4 8 16 16 ...: at most 8

@@ -69,6 +69,9 @@ class Sequence:
         self.generated: list[int] = []
         self.stop_token: int | None = None
         self.stopped_by_text = False
+        # speculative decoding (scheduler.py): decode steps left without a draft, and the next such pause's length
+        self.draft_pause = 0
+        self.draft_backoff = 0
         self.streamer = TextStreamer(request.tokenizer, request.turn.tokens, skip_ids=request.stop_ids)
 
     @property
