@@ -158,11 +158,12 @@ class WorkPool {
   // worker that shares its core with another busy process runs in the scheduler's slices (milliseconds) and is
   // often descheduled holding a chunk, and one that shares the caller's core takes the caller's time (its waits are
   // short, but it computes little). If waiting cost more than the workers saved, or they computed less than
-  // kMinWorkerShare of their even share, in two windows running, the next kSoloRegions regions (a few tokens) run as
-  // on a busy machine: the workers sleep between regions, short regions run on the caller alone and long ones
+  // kMinWorkerShare of their even share, in two windows running, the next kSoloRegions regions (~27 SmolLM2 tokens,
+  // ~1 s when busy: the two bad windows that precede them are then 3% of the regions, not 11% at 1024) run as on a
+  // busy machine: the workers sleep between regions, short regions run on the caller alone and long ones
   // (kWakeMinChunks) wake the workers; then the workers spin again and are judged afresh. (One bad window is often
   // a worker waking from its sleep between two generations.)
-  static constexpr int64_t kJudgeRegions = 64, kSoloRegions = 1024;
+  static constexpr int64_t kJudgeRegions = 64, kSoloRegions = 4096;
   // On a busy machine, regions of at least this many chunks (~1 MB of weights, ~50 us) wake the workers: the
   // futex wake-up costs a few us and the woken worker preempts whoever shares its core (SmolLM2 fp32 beside one
   // CPU hog: 25-26 tokens/s against 22.7 on the caller alone); shorter ones run on the caller alone (int4's: a
