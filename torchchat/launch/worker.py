@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import traceback
 from dataclasses import dataclass
 
@@ -41,7 +42,14 @@ def run_distributed(args, argv: list[str], command) -> int:
     if env is None:
         world = args.tp * args.pp
         return launch_workers(argv, world, check=lambda rank0: check_job(args, rank0))
-    return run_worker(args, env, command)
+    code = run_worker(args, env, command)  # the process group is destroyed by now, on every way out
+    # A rank leaves without the interpreter's finalization: there, gloo's threads can still hold work objects whose
+    # tensors reach for the GIL, and the process aborts ("terminate called without an active exception", SIGABRT;
+    # pytorch/pytorch#190489) after a run that went well (seen in CI: rank 0 of `torchrun ... generate --tp 2`,
+    # after its text and stats). Everything the rank owns is closed; only its streams need flushing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass
