@@ -32,7 +32,7 @@ from torchchat.builder import Prepared, build_distributed_generator, resolve_dev
 from torchchat.distributed.parallel_dims import ParallelDims
 from torchchat.distributed.process_group import (WorkerEnv, all_gather_objects, collective_timeout, is_peer_failure,
                                                  process_group, rank_prefixed_stderr, set_threads, worker_device)
-from torchchat.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_USER_ERROR, ConfigError
+from torchchat.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_FAILED, EXIT_USER_ERROR, ConfigError
 from torchchat.launch.spawn import die_with_launcher, launch_workers
 
 
@@ -43,13 +43,17 @@ def run_distributed(args, argv: list[str], command) -> int:
         world = args.tp * args.pp
         return launch_workers(argv, world, check=lambda rank0: check_job(args, rank0))
     code = run_worker(args, env, command)  # the process group is destroyed by now, on every way out
-    # A rank leaves without the interpreter's finalization: there, gloo's threads can still hold work objects whose
-    # tensors reach for the GIL, and the process aborts ("terminate called without an active exception", SIGABRT;
-    # pytorch/pytorch#190489) after a run that went well (seen in CI: rank 0 of `torchrun ... generate --tp 2`,
-    # after its text and stats). Everything the rank owns is closed; only its streams need flushing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if code == EXIT_OK:
+        # A rank that succeeded leaves without the interpreter's finalization: there, gloo's threads can still hold
+        # work objects whose tensors reach for the GIL, and the process aborts ("terminate called without an active
+        # exception", SIGABRT; pytorch/pytorch#190489) after a run that went well (seen in CI: rank 0 of
+        # `torchrun ... generate --tp 2`, after its text and stats). Everything it owns is closed; only its streams
+        # need flushing. A failing rank exits as usual: leaving at once, it would have its launcher stop the rank
+        # that is still saying why (rank 0's one error line) before it says it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 @dataclass
