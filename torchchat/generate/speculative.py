@@ -59,8 +59,6 @@ class Draft:
 class Drafter(ABC):
     """Proposes tokens for a sequence; ``k``: the most a verification checks."""
 
-    name = "drafter"
-
     def __init__(self, k: int):
         if k < 1:
             raise ConfigError(f"--speculate-k ({k}) must be at least 1")
@@ -83,8 +81,6 @@ class Drafter(ABC):
 class PromptLookupDrafter(Drafter):
     """Drafts by copying: the tokens after the latest earlier occurrence of the context's last ``ngram`` tokens
     (then ``ngram - 1``, down to 1)."""
-
-    name = "prompt lookup"
 
     def __init__(self, k: int, ngram: int):
         super().__init__(k)
@@ -114,8 +110,6 @@ class ModelDrafter(Drafter):
     """Drafts with a model of its own: ``generator``, a LocalGenerator with the target's context length and cache
     rows. Greedy requests get its argmax tokens; sampled ones draw from its distribution with the request's
     settings and generator (and their ``probs`` go to the rejection rule)."""
-
-    name = "draft model"
 
     def __init__(self, k: int, generator, chunk: int = 256):
         super().__init__(k)
