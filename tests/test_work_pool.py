@@ -4,49 +4,19 @@ a late thread is made with the pool's testing knob (a worker sleeps before it cl
 
 from __future__ import annotations
 
-import threading
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kernel_pool import LATE_US, SETTINGS, pool_counts, pool_workers, returns_within, runs
 from tests.test_decode_layers import BATCH_ARGS, CACHE_ROWS, random_caches, random_model, scrambled_step
 from torchchat import cpu as cpu_kernels
 from torchchat.quantize import Int4Linear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels not built")
-
-LATE_US = 300_000  # a late worker's sleep before it claims: far longer than any call below takes
-
-
-def pool_counts() -> dict[str, int]:
-    regions, caller, worker, wait_ns, sleeps, solo, woken = torch.ops.torchchat.work_pool_counts()
-    return {"regions": regions, "caller_chunks": caller, "worker_chunks": worker, "solo_regions": solo,
-            "woken_regions": woken}
-
-
-@pytest.fixture()
-def pool():
-    """Restores torch's thread count and the pool's knob after the test; counts and the judgement from zero."""
-    before = torch.get_num_threads()
-    torch.ops.torchchat.work_pool_reset()
-    yield
-    torch.ops.torchchat.work_pool_worker_delay(0)
-    torch.set_num_threads(before)
-
-
-def runs(threads: int, fn, late_us: int = 0):
-    """fn() with torch's (and so the pool's) thread count at `threads`, each worker late by late_us."""
-    torch.set_num_threads(threads)
-    torch.ops.torchchat.work_pool_worker_delay(late_us)
-    try:
-        return fn()
-    finally:
-        torch.ops.torchchat.work_pool_worker_delay(0)
-
-
-SETTINGS = [(2, 0), (3, 0), (2, 40), (3, LATE_US)]  # (threads, each worker late by us)
-
 
 @pytest.mark.parametrize("weights", ["fp32", "int8-blocks", "int4"])
 def test_decode_layers_same_bits_whatever_the_threads(weights, pool):
@@ -85,17 +55,6 @@ def test_gemv_same_bits_whatever_the_threads(pool):
         reference = runs(1, product)
         for threads, late_us in SETTINGS:
             assert torch.equal(runs(threads, product, late_us), reference), f"{name}: {threads} threads, {late_us} us"
-
-
-def returns_within(seconds: float, fn):
-    """fn()'s value, or a failure if it has not returned after `seconds` (a caller left waiting for a thread that
-    never claims its chunks would otherwise hang the suite; the stuck thread is a daemon, so pytest still exits)."""
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(value=fn()), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"the call has not returned after {seconds} s"
-    return result["value"]
 
 
 def test_a_late_worker_holds_nobody_up(pool):
@@ -160,3 +119,52 @@ def test_importing_torchchat_sets_openmps_wait_before_torch_loads_unless_the_use
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[-2] == expected
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_on_a_busy_machine_a_worker_woken_on_the_callers_cpu_moves_off_it(pool):
+    """Linux tends to wake a sleeping worker onto its waker's CPU, where it queues behind the caller while the other
+    process keeps a core to itself. Here the caller and the workers are pinned to one CPU, the workers made late
+    (which makes the pool judge the machine busy): the worker woken for the long region moves to the other CPUs, and
+    gets its own CPUs back once the machine is no longer judged busy."""
+    torch.manual_seed(0)
+    x, short, long = torch.randn(1, 576), torch.randn(256, 576), torch.randn(4096, 576)
+    runs(2, lambda: torch.ops.torchchat.gemv(x, long))  # the worker exists
+    everywhere = os.sched_getaffinity(0)
+    caller_cpu = min(everywhere)
+    workers = pool_workers()
+    assert workers, "no thread named torchchat-pool"
+    try:
+        os.sched_setaffinity(0, {caller_cpu})  # this thread: the caller
+        for tid in workers:
+            os.sched_setaffinity(tid, {caller_cpu})
+        torch.ops.torchchat.work_pool_reset()
+
+        def busy_then_long():
+            for _ in range(400):
+                torch.ops.torchchat.gemv(x, short)
+            return torch.ops.torchchat.gemv(x, long)
+
+        returns_within(60, lambda: runs(2, busy_then_long, LATE_US))
+        assert pool_counts()["woken_regions"] >= 1
+        moved = everywhere - {caller_cpu}
+        assert until(lambda: any(os.sched_getaffinity(tid) == moved for tid in workers)), \
+            [os.sched_getaffinity(tid) for tid in workers]
+        torch.ops.torchchat.work_pool_reset()  # no longer busy: the next region gives the worker its CPUs back
+        runs(2, lambda: torch.ops.torchchat.gemv(x, long))
+        assert until(lambda: any(os.sched_getaffinity(tid) == everywhere for tid in workers)), \
+            [os.sched_getaffinity(tid) for tid in workers]
+    finally:
+        os.sched_setaffinity(0, everywhere)
+        for tid in workers:
+            os.sched_setaffinity(tid, everywhere)
+
+
+def until(condition, seconds: float = 20) -> bool:
+    """Polls condition() until it holds or `seconds` pass (a woken worker runs when the OS schedules it)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -159,7 +159,10 @@ class Int8Linear(nn.Module):
         return self.weight[start:end].float() * self.scales[start:end].float()[:, None]
 
     def _float32_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """A long input: float32 GEMM on the weight dequantized a slice of rows at a time (bounded memory)."""
+        """A long input: float32 GEMMs on the weight dequantized a slice of rows at a time (bounded memory), on the
+        kernels' threads where the op is built (cpu_kernels.takes_prompt)."""
+        if self._kernel_scales() and cpu_kernels.takes_prompt(x):
+            return torch.ops.torchchat.prompt_linear(x, self.weight, self.scales, INT8_BLOCK if self.blocks else 0)
         return cpu_kernels.float32_linear(x, self.out_features, self.weight_rows)
 
     def extra_repr(self) -> str:
@@ -255,6 +258,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed.device.type == "cpu" and cpu_kernels.takes_rows(x):
             return torch.ops.torchchat.gemv_int4(x, self.packed, self.scales_and_mins, self.group_size)
+        if self.packed.device.type == "cpu" and cpu_kernels.takes_prompt(x):  # dequantized a chunk at a time
+            return torch.ops.torchchat.prompt_linear(x, self.packed, self.scales_and_mins, self.group_size)
         return cpu_kernels.float32_linear(x, self.out_features, self.dequantize)
 
     def extra_repr(self) -> str:

@@ -32,8 +32,9 @@ class GemvLinear(torch.nn.Module):
     sequences, a short prompt) to the op: the weight is read once for all of them, and each row's result is the
     one it gets alone.
 
-    Holds the very ``weight`` Parameter of the layer it replaces (a tied output layer stays tied) and
-    gives every other input (a prompt) to ``F.linear``, so prefill is unchanged.
+    Holds the very ``weight`` Parameter of the layer it replaces (a tied output layer stays tied). A float32 prompt
+    goes to ``torch.ops.torchchat.prompt_linear`` (MKL's GEMM on chunks the kernels' threads claim: the same bits as
+    ``F.linear``, without its static split that a busy machine stalls); any other input to ``F.linear``.
     """
 
     def __init__(self, weight: torch.nn.Parameter):
@@ -50,6 +51,8 @@ class GemvLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype and kernels.supports(x, self.weight):
             return torch.ops.torchchat.gemv(x, self.weight)  # (..., out)
+        if x.dtype == torch.float32 == self.weight.dtype and self.weight.is_contiguous() and kernels.takes_prompt(x):
+            return torch.ops.torchchat.prompt_linear(x, self.weight)  # (..., out): a prompt, on the kernels' threads
         return torch.nn.functional.linear(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -3,7 +3,9 @@ rows times a float32, bfloat16 or int8 weight; int8 with a scale a row or a floa
 Q8_0, either with the rows of x in int16), ``gemv_int4`` and ``dequantize_int4`` (quantize.Int4Linear's 4-bit
 layout), ``decode_attention`` (one query position of each sequence over the filled part of its KV cache row), and
 ``decode_layers`` (all of a model's transformer blocks for one position of each sequence of a batch, with the same
-row kernels: see ``torchchat.cpu.install``).
+row kernels: see ``torchchat.cpu.install``), and ``prompt_linear`` (a prompt's many rows times a weight of any of
+those formats: single-threaded MKL GEMMs on chunks of the weight's rows that the kernels' threads claim one at a
+time, so a thread the OS deschedules on a busy machine holds up little).
 
 A decode step multiplies one row of activations per sequence by every weight matrix, so it is bound by how fast
 the weights stream from memory. On AVX2 CPUs PyTorch's own kernels fall short of that: MKL's float32
@@ -34,7 +36,8 @@ import torch.utils.cpp_extension
 
 CSRC = Path(__file__).parent.parent / "csrc"  # torchchat/csrc
 # Compiled; csrc's headers are in the build's key too.
-SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp", CSRC / "work_pool.cpp")
+SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp", CSRC / "work_pool.cpp",
+           CSRC / "prompt_linear.cpp")
 # -ffp-contract=off: a float expression is computed as written (no multiply-add fused at the compiler's choice), so a
 # row's arithmetic is the same in every kernel that inlines it: batch rows bit-identical to a batch of one.
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
@@ -73,6 +76,19 @@ def takes_rows(x: torch.Tensor) -> bool:
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and available())
 
 
+def takes_prompt(x: torch.Tensor) -> bool:
+    """Does ``torch.ops.torchchat.prompt_linear`` take x (..., in): more than MAX_GEMV_ROWS rows (a prompt, a scored
+    text) on CPU, in a float dtype, with the op loaded and torch's MKL under it? The weight's checks are the
+    caller's (a contiguous float32, bfloat16, int8 or 4-bit weight as ``gemv_operands`` gives it)."""
+    return (x.device.type == "cpu" and x.dim() >= 1 and x.numel() > MAX_GEMV_ROWS * x.size(-1)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and available() and _prompt_linear())
+
+
+@functools.cache
+def _prompt_linear() -> bool:
+    return bool(torch.ops.torchchat.prompt_linear_available())
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Is ``x @ weight.T`` at most MAX_GEMV_ROWS rows on CPU with a weight type and layout the op takes?"""
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.size(1) == x.size(-1)
@@ -95,6 +111,7 @@ def _load() -> bool:
     torch.library.register_fake("torchchat::dequantize_int4")(_dequantize_int4_shape)
     torch.library.register_fake("torchchat::decode_attention")(_decode_attention_shape)
     torch.library.register_fake("torchchat::decode_layers")(_decode_layers_shape)
+    torch.library.register_fake("torchchat::prompt_linear")(_prompt_linear_shape)
     return True
 
 
@@ -116,6 +133,11 @@ def _dequantize_int4_shape(packed, scales_and_mins, group_size):
 def _decode_attention_shape(q, k_cache, v_cache, input_pos, rows):
     """The op's output for tracing: q's shape and dtype."""
     return torch.empty_like(q)
+
+
+def _prompt_linear_shape(x, weight, aux=None, group_size=0):
+    """The op's output for tracing: (..., out) in x's dtype."""
+    return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
 def _decode_layers_shape(x, norms, eps, linears, group_sizes, k_caches, v_caches, rope, input_pos, rows):

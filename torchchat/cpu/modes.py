@@ -37,6 +37,9 @@ class Float32Linears(TorchFunctionMode):
         return x.dtype in reduced and weight.dtype in reduced and x.numel() // x.size(-1) >= self.MIN_ROWS
 
     def _linear(self, x, weight, bias=None):
+        if weight.is_contiguous() and weight.dtype == torch.bfloat16 and kernels.takes_prompt(x):
+            y = torch.ops.torchchat.prompt_linear(x.float(), weight)  # (..., out) float32, on the kernels' threads
+            return (y if bias is None else y + bias.float()).to(x.dtype)
         return kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float(), bias)
 
 

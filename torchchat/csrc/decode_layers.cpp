@@ -57,52 +57,6 @@ constexpr int kLinears = 7;
 enum LinearIndex { kWq, kWk, kWv, kWo, kW1, kW3, kW2 };
 constexpr std::array<const char *, kLinears> kLinearNames = {"wq", "wk", "wv", "wo", "w1", "w3", "w2"};
 
-LinearWeight linear_weight(const std::optional<at::Tensor> &weight, const std::optional<at::Tensor> &aux,
-                           int64_t group_size, const char *name) {
-  TORCH_CHECK(weight.has_value() && weight->dim() == 2 && weight->is_contiguous() && weight->device().is_cpu(),
-              "torchchat::decode_layers: ", name, " must be a contiguous 2-D CPU tensor");
-  LinearWeight w{weight->scalar_type(), weight->data_ptr()};
-  w.n_out = weight->size(0);
-  w.n_in = weight->size(1);
-  switch (w.dtype) {
-    case at::kFloat:
-    case at::kBFloat16:
-      TORCH_CHECK(!aux.has_value() && group_size == 0, "torchchat::decode_layers: ", name, " is a float weight: no aux");
-      break;
-    case at::kChar:
-      if (group_size == 32) {
-        TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kHalf && aux->is_contiguous() &&
-                        w.n_in % 32 == 0 && aux->dim() == 2 && aux->size(0) == w.n_out && aux->size(1) == w.n_in / 32,
-                    "torchchat::decode_layers: int8 ", name, " in blocks of 32 needs (", w.n_out, ", ", w.n_in / 32,
-                    ") float16 block scales");
-        w.block_scales = aux->data_ptr<c10::Half>();
-        break;
-      }
-      TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kFloat && aux->is_contiguous() &&
-                      aux->numel() == w.n_out && group_size == 0,
-                  "torchchat::decode_layers: int8 ", name, " needs (", w.n_out,
-                  ",) float32 row scales (group size 0) or block scales (group size 32)");
-      w.row_scale = aux->data_ptr<float>();
-      break;
-    case at::kByte:
-      w.n_in *= 2;
-      TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && w.n_in % group_size == 0,
-                  "torchchat::decode_layers: 4-bit ", name, ": group size (", group_size,
-                  ") must be a multiple of 32 that divides ", w.n_in);
-      TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kHalf && aux->is_contiguous() &&
-                      aux->numel() == w.n_out * (w.n_in / group_size) * 2,
-                  "torchchat::decode_layers: 4-bit ", name, " needs (", w.n_out, ", ", w.n_in / group_size,
-                  ", 2) float16 scales and mins");
-      w.scales_and_mins = aux->data_ptr<c10::Half>();
-      w.group_size = group_size;
-      break;
-    default:
-      TORCH_CHECK(false, "torchchat::decode_layers: ", name, " has dtype ", w.dtype,
-                  ": float32, bfloat16, int8 or 4-bit packed uint8 only");
-  }
-  return w;
-}
-
 // v[0 .. n) rounded to bfloat16 (nearest, ties to even, as torch rounds) and kept in float32: a bfloat16
 // model's modules round after every op; the block does the same where they do, so that its tokens are
 // theirs (DistributedGenerator's TP ranks run the modules: local and distributed greedy tokens must agree).
@@ -188,7 +142,7 @@ Block block_from(int64_t dim, const at::Tensor &attention_norm, const at::Tensor
   Block b;
   for (int i = 0; i < kLinears; i++)
     b.w[i] = linear_weight(linears.get(first + 2 * i), linears.get(first + 2 * i + 1), group_sizes[first / 2 + i],
-                           kLinearNames[i]);
+                           "torchchat::decode_layers", kLinearNames[i]);
   const at::ScalarType cache_dtype = k_cache.scalar_type();
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   (cache_dtype == at::kFloat || cache_dtype == at::kHalf) && v_cache.scalar_type() == cache_dtype &&

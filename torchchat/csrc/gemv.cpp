@@ -103,8 +103,6 @@ at::Tensor gemv_int4(const at::Tensor &x, const at::Tensor &packed, const at::Te
   return multiply_rows(x32, x, w);
 }
 
-inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }  // low 8 bytes
-
 // torch.ops.torchchat.dequantize_int4(packed, scales_and_mins, group_size) -> (out, in) float32: W of the
 // layout above, for a prompt's float32 GEMM. Why: unpacking with torch's elementwise ops is ~7 passes over
 // the weight (~5-10 ns a weight); this is one.
@@ -120,29 +118,12 @@ at::Tensor dequantize_int4(const at::Tensor &packed, const at::Tensor &scales_an
                   scales_and_mins.numel() == n_out * n_groups * 2,
               "torchchat::dequantize_int4: scales_and_mins must be (", n_out, ", ", n_groups, ", 2) float16, contiguous");
   at::Tensor w = at::empty({n_out, n_in}, packed.options().dtype(at::kFloat));  // (out, in)
-  const uint8_t *qp = packed.data_ptr<uint8_t>();
-  const c10::Half *smp = scales_and_mins.data_ptr<c10::Half>();
+  const LinearWeight weight{at::kByte, packed.data_ptr(), nullptr, scales_and_mins.data_ptr<c10::Half>(), group_size,
+                            n_out, n_in};
   float *wp = w.data_ptr<float>();
   // torch's threads, not the pool: torch's GEMM runs next, on them (work_pool.h's workers would wait for cores that
   // OpenMP's threads are spinning on between the two)
-  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; o++) {
-      const uint8_t *q = qp + o * (n_in / 2);
-      const c10::Half *sm = smp + o * n_groups * 2;
-      float *row = wp + o * n_in;
-      for (int64_t b = 0; b < n_in / 32; b++) {
-        const int64_t g = 32 * b / group_size;
-        const __m256 scale = _mm256_set1_ps(_cvtsh_ss(sm[2 * g].x)), min = _mm256_set1_ps(_cvtsh_ss(sm[2 * g + 1].x));
-        __m128i lo, hi;
-        unpack_block(q, b, lo, hi);
-        float *out = row + 32 * b;
-        _mm256_storeu_ps(out, _mm256_fmadd_ps(widen8(lo), scale, min));                      // q[0 .. 8)
-        _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(widen8(_mm_srli_si128(lo, 8)), scale, min));  // q[8 .. 16)
-        _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(widen8(hi), scale, min));                 // q[16 .. 24)
-        _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(widen8(_mm_srli_si128(hi, 8)), scale, min));  // q[24 .. 32)
-      }
-    }
-  });
+  at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) { weight.float_rows(begin, end, wp + begin * n_in); });
   return w;
 }
 

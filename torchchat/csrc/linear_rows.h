@@ -3,6 +3,7 @@
 // and decode_layers.cpp (a block's products, for every sequence of the batch).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include "gemv_rows.h"
@@ -11,6 +12,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -29,6 +32,9 @@ inline void in_pairs(int64_t n, F &&f) {
   for (; r + 2 <= n; r += 2) f.template operator()<2>(r);
   if (r < n) f.template operator()<1>(r);
 }
+
+// The low 8 bytes as 8 float32 values.
+inline __m256 widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
 
 // R rows of x in each form the row kernels read.
 struct XRows {
@@ -68,6 +74,55 @@ struct LinearWeight {
   // Does the weight read x in int16 with a scale a row (quantize_row_int16)? int8 weights, with row scales or
   // block scales.
   bool reads_int16() const { return dtype == at::kChar; }
+
+  // Rows [lo, hi) of W in float32, their row scales applied: (hi - lo, n_in) at out. A prompt's GEMM operand
+  // (prompt_linear.cpp) and dequantize_int4; a float32 weight is read where it is instead (float_data).
+  void float_rows(int64_t lo, int64_t hi, float *out) const {
+    for (int64_t o = lo; o < hi; o++) {
+      float *row = out + (o - lo) * n_in;
+      switch (dtype) {
+        case at::kFloat:
+          std::copy_n(static_cast<const float *>(data) + o * n_in, n_in, row);
+          break;
+        case at::kBFloat16: {
+          const uint16_t *w = static_cast<const uint16_t *>(data) + o * n_in;
+          for (int64_t i = 0; i < n_in; i++) {
+            const uint32_t bits = static_cast<uint32_t>(w[i]) << 16;  // bfloat16 is float32's top half
+            std::memcpy(row + i, &bits, 4);
+          }
+          break;
+        }
+        case at::kChar: {
+          const int8_t *w = static_cast<const int8_t *>(data) + o * n_in;
+          if (block_scales) {  // as quantize.dequantize_int8_blocks: q * d for each block of 32
+            for (int64_t i = 0; i < n_in; i++)
+              row[i] = static_cast<float>(w[i]) * static_cast<float>(block_scales[o * (n_in / 32) + i / 32]);
+          } else {
+            for (int64_t i = 0; i < n_in; i++) row[i] = static_cast<float>(w[i]) * (row_scale ? row_scale[o] : 1.0f);
+          }
+          break;
+        }
+        default: {  // 4-bit: q * scale + min, as one fused multiply-add
+          const uint8_t *q = static_cast<const uint8_t *>(data) + o * (n_in / 2);
+          const c10::Half *sm = scales_and_mins + o * (n_in / group_size) * 2;
+          for (int64_t b = 0; b < n_in / 32; b++) {
+            const int64_t g = 32 * b / group_size;
+            const __m256 scale = _mm256_set1_ps(_cvtsh_ss(sm[2 * g].x)), min = _mm256_set1_ps(_cvtsh_ss(sm[2 * g + 1].x));
+            __m128i lo4, hi4;
+            unpack_block(q, b, lo4, hi4);
+            float *w = row + 32 * b;
+            _mm256_storeu_ps(w, _mm256_fmadd_ps(widen8(lo4), scale, min));                         // q[0 .. 8)
+            _mm256_storeu_ps(w + 8, _mm256_fmadd_ps(widen8(_mm_srli_si128(lo4, 8)), scale, min));  // q[8 .. 16)
+            _mm256_storeu_ps(w + 16, _mm256_fmadd_ps(widen8(hi4), scale, min));                    // q[16 .. 24)
+            _mm256_storeu_ps(w + 24, _mm256_fmadd_ps(widen8(_mm_srli_si128(hi4, 8)), scale, min));  // q[24 .. 32)
+          }
+        }
+      }
+    }
+  }
+
+  // Row o of a float32 weight where it is stored (row scales not applied), or nullptr for other formats.
+  const float *float_data() const { return dtype == at::kFloat ? static_cast<const float *>(data) : nullptr; }
 
   // out[r * out_stride + o] = row o of W times x row r (times its row scale) for o in [lo, hi), every r. Each
   // weight row is read from memory once and multiplied by every x row while it is in L1. Speed: one switch for
@@ -118,6 +173,54 @@ struct LinearWeight {
         for (int64_t o = lo; o < hi; o++) out[r * out_stride + o] *= row_scale[o];
   }
 };
+
+// A linear layer's operands as the ops take them ((weight, aux, group_size): torchchat.cpu's gemv_operands), checked;
+// op and name say whose, in the error.
+inline LinearWeight linear_weight(const std::optional<at::Tensor> &weight, const std::optional<at::Tensor> &aux,
+                                  int64_t group_size, const char *op, const char *name) {
+  TORCH_CHECK(weight.has_value() && weight->dim() == 2 && weight->is_contiguous() && weight->device().is_cpu(),
+              op, ": ", name, " must be a contiguous 2-D CPU tensor");
+  LinearWeight w{weight->scalar_type(), weight->data_ptr()};
+  w.n_out = weight->size(0);
+  w.n_in = weight->size(1);
+  switch (w.dtype) {
+    case at::kFloat:
+    case at::kBFloat16:
+      TORCH_CHECK(!aux.has_value() && group_size == 0, op, ": ", name, " is a float weight: no aux");
+      break;
+    case at::kChar:
+      if (group_size == 32) {
+        TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kHalf && aux->is_contiguous() &&
+                        w.n_in % 32 == 0 && aux->dim() == 2 && aux->size(0) == w.n_out && aux->size(1) == w.n_in / 32,
+                    "torchchat::decode_layers: int8 ", name, " in blocks of 32 needs (", w.n_out, ", ", w.n_in / 32,
+                    ") float16 block scales");
+        w.block_scales = aux->data_ptr<c10::Half>();
+        break;
+      }
+      TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kFloat && aux->is_contiguous() &&
+                      aux->numel() == w.n_out && group_size == 0,
+                  "torchchat::decode_layers: int8 ", name, " needs (", w.n_out,
+                  ",) float32 row scales (group size 0) or block scales (group size 32)");
+      w.row_scale = aux->data_ptr<float>();
+      break;
+    case at::kByte:
+      w.n_in *= 2;
+      TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && w.n_in % group_size == 0,
+                  "torchchat::decode_layers: 4-bit ", name, ": group size (", group_size,
+                  ") must be a multiple of 32 that divides ", w.n_in);
+      TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kHalf && aux->is_contiguous() &&
+                      aux->numel() == w.n_out * (w.n_in / group_size) * 2,
+                  "torchchat::decode_layers: 4-bit ", name, " needs (", w.n_out, ", ", w.n_in / group_size,
+                  ", 2) float16 scales and mins");
+      w.scales_and_mins = aux->data_ptr<c10::Half>();
+      w.group_size = group_size;
+      break;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has dtype ", w.dtype,
+                  ": float32, bfloat16, int8 or 4-bit packed uint8 only");
+  }
+  return w;
+}
 
 struct Product {
   const LinearWeight *weight;

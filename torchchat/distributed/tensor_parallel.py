@@ -142,6 +142,8 @@ def _partial_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x.float()
     if cpu_kernels.supports(x, weight):  # one row (a batch-1 decode step): the op LocalGenerator uses
         return torch.ops.torchchat.gemv(x, weight)  # (..., out), float32
+    if weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous() and cpu_kernels.takes_prompt(x):
+        return torch.ops.torchchat.prompt_linear(x, weight)  # (..., out): a prompt, on the kernels' threads
     if weight.dtype == torch.float32:
         return F.linear(x, weight)
     return cpu_kernels.float32_linear(x, weight.size(0), lambda start, end: weight[start:end].float())
