@@ -3,6 +3,7 @@
     python benchmarks/distributed_bench.py                 # Llama-shaped model, random weights
     python benchmarks/distributed_bench.py --model smollm2 # the default model (TP 3: 9 heads)
     python benchmarks/distributed_bench.py --quick --json  # smoke test: tiny model, 1 run
+    python benchmarks/distributed_bench.py --busy 1        # every row quiet, then beside a CPU hog
 
 Rows (each a median over --runs runs, after one warm-up, in processes started for the benchmark):
 
@@ -18,7 +19,8 @@ Rows (each a median over --runs runs, after one warm-up, in processes started fo
 - tpN x pp2: both.
 
 Every process of a row runs on this machine; with fewer cores than processes the ranks compete
-for them, so the figures show overheads, not speed-ups.
+for them, so the figures show overheads, not speed-ups. ``--busy N`` runs every row again beside N spinning
+processes (benchlib/hogs.py, as bench.py does): those rows show ``kept``, their speed over the quiet row's.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchlib.hogs import cpu_hogs  # noqa: E402
 from torchchat.catalog import ModelSource, embedded_gguf  # noqa: E402
 from torchchat.distributed.process_group import WorkerEnv, process_group, threads_per_process  # noqa: E402
 from torchchat.launch.spawn import free_port  # noqa: E402
@@ -298,38 +302,57 @@ def run_all(cases: list[Case], spec: Spec) -> dict[str, list[float]]:
 
 # ----- report -----
 
-def rows_of(cases: list[Case], rates: dict[str, list[float]]) -> list[dict]:
+def rows_of(cases: list[Case], rates: dict[str, list[float]], hogs: int = 0,
+            quiet: dict[str, list[float]] | None = None) -> list[dict]:
+    """A row a case. Beside `hogs` CPU hogs, `quiet` (the same cases' quiet rates) gives each row its `kept`;
+    vs_local is then against the local row beside the same hogs."""
     local = statistics.median(rates["local"]) if "local" in rates else None
     rows = []
     for case in cases:
         median = statistics.median(rates[case.name])
-        rows.append({**asdict(case), "processes": case.world, "decode_tok_s": round(median, 2),
-                     "runs_tok_s": [round(r, 2) for r in rates[case.name]],
-                     "vs_local": round(median / local, 3) if local else None})
+        row = {**asdict(case), "processes": case.world, "hogs": hogs, "decode_tok_s": round(median, 2),
+               "runs_tok_s": [round(r, 2) for r in rates[case.name]],
+               "vs_local": round(median / local, 3) if local else None}
+        if quiet is not None:
+            row["kept"] = round(median / statistics.median(quiet[case.name]), 3)
+        rows.append(row)
+    return rows
+
+
+def quiet_and_busy(cases: list[Case], spec: Spec, hogs: int) -> list[dict]:
+    """Every case quiet; with hogs > 0, then every case again beside that many CPU hogs (rows quiet first)."""
+    quiet = run_all(cases, spec)
+    rows = rows_of(cases, quiet)
+    if hogs > 0:
+        with cpu_hogs(hogs):
+            busy = run_all(cases, spec)
+        rows += rows_of(cases, busy, hogs, quiet)
     return rows
 
 
 def step_ratio(rows: list[dict], tp: int) -> float | None:
     """TP step time over the explicit reference's step time (= explicit tok/s / TP tok/s)."""
-    by_name = {r["name"]: r["decode_tok_s"] for r in rows}
+    by_name = {r["name"]: r["decode_tok_s"] for r in rows if r["hogs"] == 0}
     tp_rate, ref_rate = by_name.get(f"tp{tp}"), by_name.get(f"tp{tp} explicit all-reduce")
     return round(ref_rate / tp_rate, 3) if tp_rate and ref_rate else None
 
 
 def together_ratio(rows: list[dict]) -> float | None:
     """4 requests at once over one at a time through 2 stages (aggregate tokens/s)."""
-    by_name = {r["name"]: r["decode_tok_s"] for r in rows}
+    by_name = {r["name"]: r["decode_tok_s"] for r in rows if r["hogs"] == 0}
     together, one_by_one = by_name.get(TOGETHER), by_name.get(ONE_BY_ONE)
     return round(together / one_by_one, 3) if together and one_by_one else None
 
 
 def print_table(rows: list[dict], ratio: float | None, tp: int, header: str, pp_ratio: float | None = None):
     print(header)
-    print(f"{'setup':<32} {'procs':>5} {'seqs':>4} {'decode tok/s':>13} {'vs local':>9}  runs")
+    print(f"{'setup':<32} {'procs':>5} {'seqs':>4} {'hogs':>4} {'decode tok/s':>13} {'vs local':>9} {'kept':>5}  runs")
     for r in rows:
         vs = f"{r['vs_local']:.2f}x" if r["vs_local"] is not None else ""
+        kept = f"{r['kept']:.2f}" if "kept" in r else "-"
         runs = " ".join(f"{x:.1f}" for x in r["runs_tok_s"])
-        print(f"{r['name']:<32} {r['processes']:>5} {r['batch']:>4} {r['decode_tok_s']:>13.2f} {vs:>9}  {runs}")
+        print(f"{r['name']:<32} {r['processes']:>5} {r['batch']:>4} {r['hogs']:>4} {r['decode_tok_s']:>13.2f} "
+              f"{vs:>9} {kept:>5}  {runs}")
     if ratio is not None:
         print(f"\ntp{tp} step time / explicit all-reduce step time: {ratio:.2f} (target <= 1.3)")
     if pp_ratio is not None:
@@ -352,8 +375,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads per process (default: the cores divided among a row's processes)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 1 run, 8 tokens")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also run every row beside N CPU hogs (after all the quiet rows); those rows show 'kept', "
+                        "their speed over the quiet row's (default 0: quiet only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = p.parse_args(argv)
+    if a.busy < 0:
+        p.error(f"--busy {a.busy}: the number of CPU hogs must be 0 or more")
     tp = 3 if a.model == "smollm2" else 2
     cases = [c for c in cases_for(tp) if a.only is None or c.name in a.only]
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,14 +400,15 @@ def main(argv=None) -> int:
         if a.quick:
             spec = replace(spec, prompt_tokens=8, new_tokens=8, runs=1)
         t0 = time.perf_counter()
-        rows = rows_of(cases, run_all(cases, spec))
+        rows = quiet_and_busy(cases, spec, a.busy)
     ratio, pp_ratio = step_ratio(rows, tp), together_ratio(rows)
     header = (f"model: {shape}, {spec.dtype}; prompt {spec.prompt_tokens} tokens, {spec.new_tokens} greedy tokens, "
               f"median of {spec.runs} run(s); threads per process: {spec.threads or 'cores / processes'}; "
+              f"{f'quiet, then beside {a.busy} CPU hogs; ' if a.busy else ''}"
               f"{time.perf_counter() - t0:.0f} s")
     if a.json:
         print(json.dumps({"model": shape, "prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens,
-                          "runs": spec.runs, "threads": spec.threads, "cpu_count": os.cpu_count(),
+                          "runs": spec.runs, "threads": spec.threads, "cpu_count": os.cpu_count(), "busy": a.busy,
                           "tp_over_explicit_step": ratio, "pp_together_over_one_by_one": pp_ratio,
                           "rows": rows}, indent=1))
     else:

@@ -201,7 +201,23 @@ def test_benchmark_quick_json():
     report = json.loads(proc.stdout)
     assert [row["name"] for row in report["rows"]] == rows
     for row in report["rows"]:
-        assert row["decode_tok_s"] > 0 and len(row["runs_tok_s"]) == 1
+        assert row["decode_tok_s"] > 0 and len(row["runs_tok_s"]) == 1 and row["hogs"] == 0 and "kept" not in row
         assert row["processes"] == row["tp"] * row["pp"] and row["vs_local"] > 0
     assert [row["batch"] for row in report["rows"][3:]] == [2, 4, 4]
     assert report["tp_over_explicit_step"] > 0 and report["pp_together_over_one_by_one"] > 0
+
+
+def test_benchmark_busy_rows():
+    """--busy 1: every row quiet, then again beside a CPU hog, with its speed over the quiet row's."""
+    rows = ["local", "tp2"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed_bench.py"), "--quick", "--json",
+                           "--busy", "1", "--only", *rows], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["busy"] == 1
+    names_and_hogs = [(row["name"], row["hogs"]) for row in report["rows"]]
+    assert names_and_hogs == [("local", 0), ("tp2", 0), ("local", 1), ("tp2", 1)]
+    quiet = {row["name"]: row["decode_tok_s"] for row in report["rows"][:2]}
+    for row in report["rows"][2:]:
+        assert row["kept"] == pytest.approx(row["decode_tok_s"] / quiet[row["name"]], abs=0.01)

@@ -105,3 +105,32 @@ def test_the_layers_send_prompts_to_it(pool):
             out = runs(2, lambda: layer(x))
         assert pool_counts()["regions"] == 1, name
         torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_on_a_busy_machine_a_prompts_torch_ops_run_on_one_thread_and_its_gemms_on_the_pool(pool):
+    """one_torch_thread_when_busy: quiet, nothing changes; once the pool judges the machine busy (workers that never
+    help), torch runs one thread inside and the pool still publishes the GEMMs' regions to its workers; both
+    counts come back on leaving."""
+    torch.manual_seed(5)
+    x, w, small = torch.randn(64, 576), torch.randn(1536, 576), torch.randn(256, 576)
+    torch.set_num_threads(2)
+    with cpu_kernels.kernels.one_torch_thread_when_busy():
+        assert torch.get_num_threads() == 2  # quiet: as it was
+    torch.ops.torchchat.work_pool_reset()
+
+    def busy_then_prompt():
+        for _ in range(200):
+            torch.ops.torchchat.gemv(x[:1], small)
+        assert torch.ops.torchchat.work_pool_busy()
+        regions = pool_counts()["regions"]
+        with cpu_kernels.kernels.one_torch_thread_when_busy():
+            threads = torch.get_num_threads()
+            out = torch.ops.torchchat.prompt_linear(x, w)
+        return threads, pool_counts()["regions"] - regions, out, torch.get_num_threads()
+
+    inside, published, out, after = returns_within(60, lambda: runs(2, busy_then_prompt, LATE_US))
+    assert inside == 1 and published == 1 and after == 2
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.ops.torchchat.work_pool_reset()
+    runs(1, lambda: torch.ops.torchchat.prompt_linear(x, w))
+    assert pool_counts()["regions"] == 0  # the pool follows torch's count (one thread: serial) again

@@ -22,6 +22,7 @@ measurements), ``available()`` is False and callers use torch's kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -87,6 +88,26 @@ def takes_prompt(x: torch.Tensor) -> bool:
 @functools.cache
 def _prompt_linear() -> bool:
     return bool(torch.ops.torchchat.prompt_linear_available())
+
+
+@contextlib.contextmanager
+def one_torch_thread_when_busy():
+    """Speed, a prompt on a busy machine: while the kernels' pool judges the machine busy (its workers did not keep
+    up: csrc/work_pool.h), torch's own ops (elementwise, attention) run on one thread and the pool keeps its count
+    for the prompt's GEMMs (prompt_linear). OpenMP splits each op statically, so beside a CPU hog every one of a
+    prompt's ~700 small ops waited for the thread sharing the hog's core: 0.32 of their quiet speed, below one
+    thread's. Elsewhere (quiet, one thread, no kernels) nothing changes."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not available() or not torch.ops.torchchat.work_pool_busy():
+        yield
+        return
+    torch.ops.torchchat.work_pool_hold_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.torchchat.work_pool_hold_threads(0)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

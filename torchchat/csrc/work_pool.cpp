@@ -3,7 +3,9 @@
 //   solo_regions, woken_regions] since the last reset (PoolCounts);
 //   torch.ops.torchchat.work_pool_reset(): counts from zero, workers judged afresh (work_pool.h: WorkPool::judge);
 //   torch.ops.torchchat.work_pool_worker_delay(us): each worker sleeps us microseconds after seeing a region, before
-//   it claims (tests: a thread that starts late; 0 to stop).
+//   it claims (tests: a thread that starts late; 0 to stop);
+//   torch.ops.torchchat.work_pool_busy(): is the pool running as on a busy machine (WorkPool::judge)?
+//   torch.ops.torchchat.work_pool_hold_threads(n): the pool keeps n threads whatever torch's count (0: torch's).
 
 #include <torch/library.h>
 
@@ -25,10 +27,16 @@ void work_pool_reset() { work_pool().reset(); }
 
 void work_pool_worker_delay(int64_t us) { work_pool().set_worker_delay_us(us); }
 
+bool work_pool_busy() { return work_pool().busy(); }
+
+void work_pool_hold_threads(int64_t n) { work_pool().hold_threads(static_cast<int>(n)); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torchchat, m) {  // no tensor arguments: one kernel for every dispatch key
   m.def("work_pool_counts() -> int[]", &work_pool_counts);
   m.def("work_pool_reset() -> ()", &work_pool_reset);
   m.def("work_pool_worker_delay(int us) -> ()", &work_pool_worker_delay);
+  m.def("work_pool_busy() -> bool", &work_pool_busy);
+  m.def("work_pool_hold_threads(int n) -> ()", &work_pool_hold_threads);
 }

@@ -17,7 +17,8 @@
 // Results do not depend on which thread computes a chunk, nor on the chunk size: every kernel computes whole
 // outputs in a chunk (gemv_rows.h, attend.h), so the bits are the same with any number of threads.
 //
-// One pool a process (parallel_chunks' static), sized at every call to torch's thread count (torch.set_num_threads):
+// One pool a process (parallel_chunks' static), sized at every call to torch's thread count (torch.set_num_threads;
+// or the count hold_threads kept while torch's is lowered):
 // threads - 1 workers take part, the caller being the last. Serial where a region has one chunk, with one thread,
 // inside a pool worker, or inside an OpenMP region. A forked child starts a pool of its own (the parent's workers
 // do not exist there). f must not throw (the kernels check their arguments before their regions).
@@ -144,7 +145,8 @@ class WorkPool {
     if (n <= 0) return;
     chunk = std::max<int64_t>({chunk, 1, (n + kMaxChunks - 1) / kMaxChunks});
     const int64_t total = (n + chunk - 1) / chunk;
-    const int threads = at::get_num_threads();
+    const int held = held_threads_.load(std::memory_order_relaxed);
+    const int threads = held > 0 ? held : at::get_num_threads();
     if (total == 1 || threads <= 1 || pool_detail::in_worker || at::in_parallel_region()) {
       fn(context, 0, n);
       return;
@@ -235,6 +237,11 @@ class WorkPool {
     counts_ = {};
     worker_chunks_.store(0, std::memory_order_relaxed);
   }
+
+  // The pool's thread count while torch's own is lowered (torchchat.cpu.kernels.torch_threads_for_the_machine: a
+  // prompt's elementwise ops and attention on one OpenMP thread on a busy machine, its GEMMs still on the pool);
+  // 0: torch's again.
+  void hold_threads(int n) { held_threads_.store(std::max(n, 0), std::memory_order_relaxed); }
 
   // Testing: each worker sleeps this long after seeing a region before it claims (a thread that starts late).
   void set_worker_delay_us(int64_t us) { worker_delay_us_.store(us, std::memory_order_relaxed); }
@@ -344,6 +351,7 @@ class WorkPool {
   std::atomic<int> caller_cpu_{-1};  // the CPU the caller published the last region from
 
   std::atomic<int64_t> worker_delay_us_{0};
+  std::atomic<int> held_threads_{0};  // hold_threads
   std::atomic<int64_t> worker_chunks_{0};
   uint32_t generation_count_ = 0;
   unsigned workers_started_ = 0;
