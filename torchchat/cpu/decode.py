@@ -33,8 +33,9 @@ class GemvLinear(torch.nn.Module):
     one it gets alone.
 
     Holds the very ``weight`` Parameter of the layer it replaces (a tied output layer stays tied). A float32 prompt
-    goes to ``torch.ops.torchchat.prompt_linear`` (MKL's GEMM on chunks the kernels' threads claim: the same bits as
-    ``F.linear``, without its static split that a busy machine stalls); any other input to ``F.linear``.
+    goes to ``torch.ops.torchchat.prompt_linear`` (MKL's GEMM kernels on tiles the kernels' threads claim, without
+    the static split that a busy machine stalls: on this torch, F.linear's very bits); any other input to
+    ``F.linear``.
     """
 
     def __init__(self, weight: torch.nn.Parameter):

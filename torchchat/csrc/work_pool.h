@@ -238,7 +238,7 @@ class WorkPool {
     worker_chunks_.store(0, std::memory_order_relaxed);
   }
 
-  // The pool's thread count while torch's own is lowered (torchchat.cpu.kernels.torch_threads_for_the_machine: a
+  // The pool's thread count while torch's own is lowered (torchchat.cpu.kernels.one_torch_thread_when_busy: a
   // prompt's elementwise ops and attention on one OpenMP thread on a busy machine, its GEMMs still on the pool);
   // 0: torch's again.
   void hold_threads(int n) { held_threads_.store(std::max(n, 0), std::memory_order_relaxed); }
