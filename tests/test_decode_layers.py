@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.block_models import BATCH_ARGS, CACHE_ROWS, random_caches, random_model, scrambled_step
 from tests.generators import local_generator, tiny_source
 from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.model import ModelArgs, Transformer
-from torchchat.quantize import Int8Linear, quantize_model
 
 pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
                                 reason="needs an AVX2 CPU and a C++ compiler")
@@ -25,35 +25,6 @@ GREEDY = GenerationArgs(max_new_tokens=16, temperature=0, top_k=None, seed=0)
 @pytest.fixture(autouse=True, scope="module")
 def op_loaded():
     assert cpu_kernels.available()
-
-
-def random_model(args: ModelArgs, weights: str, seed: int = 0, cache_dtype=None, max_batch: int = 1) -> Transformer:
-    """A random-weight model with the CPU kernels' linears (as LocalGenerator sets them), caches of max_batch rows
-    of 64 positions (the CPU default, float16, or cache_dtype), not yet fused. weights: fp32, bf16, int8, int8-blocks
-    (the block linears in int8 blocks of 32, a GGUF's Q8_0), int4 (group size 32), int4-g64."""
-    torch.manual_seed(seed)
-    model = Transformer(args).eval()
-    for p in model.parameters():  # weights of a trained model's scale: activations stay O(1) through the layers
-        p.data.normal_(0, 0.5 / p.size(-1) ** 0.5) if p.dim() == 2 else p.data.uniform_(0.5, 1.5)
-    if weights == "bf16":
-        model.to(torch.bfloat16)
-    if weights == "int8-blocks":
-        in_blocks(model)
-    elif weights.startswith("int"):
-        quantize_model(model, weights[:4], group_size=64 if weights.endswith("g64") else 32)
-    cpu_kernels.use_gemv(model)
-    model.setup_caches(max_batch, 64, dtype=cache_dtype)
-    cpu_kernels.use_decode_attention(model)
-    return model
-
-
-def in_blocks(model: Transformer):
-    """Every block linear as an Int8Linear in blocks of 32, in place."""
-    for block in model.layers.values():
-        for path in cpu_kernels.BLOCK_LINEARS:
-            owner, name = path.split(".")
-            parent = getattr(block, owner)
-            setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), blocks=True))
 
 
 def caches(model: Transformer) -> list[torch.Tensor]:
@@ -114,27 +85,6 @@ def test_fused_block_at_the_first_position_and_the_last():
         got = [model(torch.tensor([[5]]), torch.tensor([p])) for p in (0, 63)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-
-
-BATCH_ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=512)  # head_dim 64
-CACHE_ROWS = 10
-
-
-def random_caches(model: Transformer):
-    """Every cache entry random, as prompts of every row would leave them."""
-    for layer in model.layers.values():
-        for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v):
-            t.copy_(torch.randn(t.shape))
-
-
-def scrambled_step(model: Transformer, batch: int, seed: int):
-    """A step of `batch` sequences in scrambled cache rows at distinct positions: (h (B, 1, dim), rope (B, 1, hd/2, 2),
-    input_pos (B,), rows (B,))."""
-    torch.manual_seed(seed)
-    rows, positions = torch.randperm(CACHE_ROWS)[:batch], torch.randperm(64)[:batch]
-    dtype = model.layers["0"].attention_norm.weight.dtype
-    h = torch.randn(batch, 1, model.args.dim).to(dtype)
-    return h, model.rope[positions].unsqueeze(1), positions, rows
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])

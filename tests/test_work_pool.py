@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.kernel_pool import LATE_US, SETTINGS, pool_counts, pool_workers, returns_within, runs
-from tests.test_decode_layers import BATCH_ARGS, CACHE_ROWS, random_caches, random_model, scrambled_step
+from tests.block_models import BATCH_ARGS, CACHE_ROWS, random_caches, random_model, scrambled_step
 from torchchat import cpu as cpu_kernels
 from torchchat.quantize import Int4Linear
 
