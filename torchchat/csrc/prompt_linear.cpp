@@ -10,8 +10,10 @@
 // 128k-row output layer). A thread that runs takes more chunks; one the OS has descheduled holds up only the chunk
 // it is computing.
 //
-// The chunks depend on the shapes alone, and each output is computed by one GEMM call whoever runs it, so the
-// result does not depend on the thread count.
+// The tiles depend on the shapes and on the pool's busy judgement (finer on a busy machine), never on the thread
+// count; each output is one GEMM call's sum over all of in, whichever thread runs its tile. With torch's MKL the
+// bits are F.linear's whatever the tiles (tests/test_prompt_linear.py checks 1-3 threads, late workers and the busy
+// tiles bit for bit).
 //
 // MKL: sgemm_ and MKL_Set_Num_Threads_Local come from torch's own library, declared weak: with a torch built
 // without MKL they are null, prompt_linear_available() is false and torchchat.cpu uses torch's GEMM.
@@ -40,10 +42,11 @@ namespace {
 
 using namespace torchchat_cpu;
 
-// Multiply-adds a chunk does at least: ~100 us of one core's GEMM, so the pool's claim and a woken worker's start
-// (microseconds) are small beside it, while a SmolLM2 projection of a 512-token prompt is still 9-48 chunks (a
-// thread that stalls holds up a few percent of it). Chunks are whole multiples of kChunkAlign rows (the GEMM's
-// register tile).
+// A chunk is a tile: up to kXTile rows of x by rows of W worth about kChunkMacs multiply-adds (~100 us of one core's
+// GEMM, so the pool's claim and a woken worker's start, microseconds, are small beside it), at least kMinWTile rows,
+// whole multiples of kChunkAlign (the GEMM's register tile). Smaller W tiles cost MKL's per-call packing (32 rows:
+// 1.02-1.09x the time of MKL's own threading on SmolLM2's shapes, 96: 0.97-1.01x), so only a busy machine gets
+// them (kBusyWTile). A SmolLM2 projection of a 512-token prompt is 2-16 tiles quiet, 6-48 busy.
 constexpr int64_t kChunkMacs = 8'000'000, kChunkAlign = 16, kXTile = 512, kMinWTile = 96,
                   kBusyWTile = 32;
 
