@@ -42,3 +42,14 @@ def pool():
     yield
     torch.ops.torchchat.work_pool_worker_delay(0)
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def two_threads():
+    """torch's threads at 2 for the test (OMP_NUM_THREADS is 1 above): work split over threads as in a run."""
+    import torch  # here, not at the top: torchchat sets OpenMP's wait before torch loads (torchchat/__init__.py)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
