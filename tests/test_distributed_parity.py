@@ -13,251 +13,23 @@ on a generator of its own, with a timeout.
 from __future__ import annotations
 
 import functools
-import io
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist_utils import run_ranks
-from tests.generators import load_parts, local_generator, scripted_user, tiny_source
+from tests.parity_workers import (CHAT_ARGS, REFUSED, SPECULATE_K, assert_followers_hold_nothing, layout_worker,
+                                  local_alone, local_reference, local_tokens, lookup_drafter, recording_replies,
+                                  score_case, tiny_drafter)
+from tests.generators import local_generator, scripted_user, tiny_source
 from tests.model_assets import write_tiny_model
 from torchchat import cpu as cpu_kernels
 from torchchat.catalog import ModelSource
-from torchchat.checkpoint import load_model, read_model_args
-from torchchat.distributed.parallel_dims import ParallelDims
-from torchchat.generate.base import GenerationArgs, Turn
-from torchchat.generate.speculative import ModelDrafter, PromptLookupDrafter
-from torchchat.errors import ConfigError
-from torchchat.model import KNOWN_MODELS, ModelArgs
+from torchchat.generate.base import GenerationArgs
 
 GREEDY = GenerationArgs(max_new_tokens=16, temperature=0, top_k=None)
 PROMPT = "The quick brown fox"
 CHAT = ["Hello there", "Tell me more"]
-CHAT_ARGS = GenerationArgs(max_new_tokens=12, temperature=0)
-
-
-def _build(source: ModelSource, world: int, tp: int, pp: int, **kwargs):
-    from torchchat.chat_format import chat_format_for
-    from torchchat.generate.distributed import DistributedGenerator
-    from torchchat.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(source)
-    return DistributedGenerator.from_source(source, tokenizer, chat_format_for(tokenizer, source),
-                                            ParallelDims(tp, pp, world), out=io.StringIO(), err=io.StringIO(),
-                                            **kwargs)
-
-
-# ----- what each rank runs: cases, one generator each, in one launch of the processes -----
-
-def layout_worker(rank: int, world: int, source: ModelSource, tp: int, pp: int, cases: dict):
-    """Each case of ``cases`` (name -> (kind, generator kwargs, payload)) on a generator of its own."""
-    results = {}
-    for name, (kind, kwargs, payload) in cases.items():
-        gen = _build(source, world, tp, pp, **kwargs)
-        try:
-            results[name] = CASE_KINDS[kind](gen, rank, payload)
-        finally:
-            gen.close()
-    return results
-
-
-def generate_case(gen, rank: int, runs: list):
-    """run_generate for each (prompt, args): rank 0's tokens; the other ranks follow and return None."""
-    return [_tokens(gen.run_generate(prompt if rank == 0 else None, args)) for prompt, args in runs]
-
-
-def schedule_case(gen, rank: int, schedule: list):
-    """Rank 0 submits each (at_step, prompt, args) of ``schedule`` once it has run ``at_step`` steps, and steps
-    until every request ended: several requests in flight, joining while others decode. Every request's
-    tokens, on rank 0; the other ranks follow."""
-    if rank != 0:
-        return gen.follow()
-    in_flight = _count_in_flight(gen)
-    try:
-        pending, requests, steps = list(schedule), [], 0
-        while pending or not all(r is None or r.done for r in requests):
-            while pending and pending[0][0] <= steps:
-                _, prompt, args = pending.pop(0)
-                requests.append(_submit(gen, prompt, args))
-            gen.step()
-            steps += 1
-    finally:
-        gen.end_session()
-    for r in requests:
-        if r is not None and r.error is not None:
-            raise r.error
-    return [REFUSED if r is None else _tokens(r.completions) for r in requests], max(in_flight)
-
-
-REFUSED = "refused"
-
-
-def _submit(gen, prompt: str, args):
-    """The request, or None where rank 0 refuses it (it never reaches the other ranks)."""
-    try:
-        return gen.submit(Turn(gen.encode_prompt(prompt), args))
-    except ConfigError:
-        return None
-
-
-def _count_in_flight(gen) -> list[int]:
-    """Steps started and not yet finished, after each start (the pipeline's depth as the schedule uses it)."""
-    seen, start, finish = [0], gen.start, gen.finish
-
-    def counted_start(step):
-        start(step)
-        seen.append(seen[-1] + 1)
-
-    def counted_finish():
-        seen.append(seen[-1] - 1)
-        return finish()
-    gen.start, gen.finish = counted_start, counted_finish
-    return seen
-
-
-def chat_case(gen, rank: int, lines: list[str]):
-    """A chat fed by a scripted user on rank 0: its transcript and the replies' tokens (rank 0)."""
-    replies = _recording_replies(gen)
-    assert gen.run_chat(CHAT_ARGS, scripted_user(lines) if rank == 0 else _never_called) == len(replies)
-    return gen.out.getvalue(), replies
-
-
-def kernel_case(gen, rank: int, _payload):
-    """Which of this rank's attention layers send decode steps to the CPU attention op, does the rank send
-    its batch-1 decode steps through the CPU block op, and the types of its linear layers."""
-    model = gen.part.model
-    attention = [layer.attention.decode_attention is torch.ops.torchchat.decode_attention
-                 for layer in model.layers.values()]
-    modules = list(model.modules()) + ([gen.part.output] if gen.part.output is not None else [])
-    linears = {type(m).__name__ for m in modules if hasattr(m, "weight") and m.weight.dim() == 2
-               and not isinstance(m, torch.nn.Embedding)}
-    return attention, isinstance(model.decode_layers, cpu_kernels.FusedDecode), linears
-
-
-def score_case(gen, rank: int, text: tuple[list[int], int]):
-    """The perplexity of ``text`` (tokens, window) through ``gen`` (eval's protocol), and each window's scored
-    log-probabilities (windows, window - 1 - window // 2), on rank 0; the other ranks follow."""
-    from torchchat.perplexity import perplexity
-
-    if rank != 0:
-        return gen.follow()
-    scored, score = [], gen.score
-
-    def recording(*args):
-        scored.extend(score(*args))
-        return scored
-    gen.score = recording
-    try:
-        result = perplexity(gen, *text)
-    finally:
-        gen.end_session()
-    return result.perplexity, result.tokens, torch.stack(scored)
-
-
-def speculative_schedule_case(gen, rank: int, schedule: list):
-    """schedule_case with a drafter on rank 0: every request's tokens and the verification steps rank 0 started."""
-    verified = []
-    start = gen.start
-
-    def counted_start(step):
-        verified.append(step.verify)
-        start(step)
-    gen.start = counted_start
-    result = schedule_case(gen, rank, schedule)
-    return result if rank != 0 else (result[0], sum(verified))
-
-
-def speculative_chat_case(gen, rank: int, lines: list[str]):
-    """chat_case with a drafter on rank 0, and the draft tokens it proposed (rank 0)."""
-    transcript = chat_case(gen, rank, lines)
-    return transcript if rank != 0 else (transcript, gen.last_stats.drafted)
-
-
-CASE_KINDS = {"generate": generate_case, "schedule": schedule_case, "chat": chat_case, "kernels": kernel_case,
-              "score": score_case, "speculative schedule": speculative_schedule_case,
-              "speculative chat": speculative_chat_case}
-
-
-def lookup_drafter():
-    """The drafter of the speculative cases (built on rank 0 only, by DistributedGenerator.from_source)."""
-    return PromptLookupDrafter(SPECULATE_K, 2)
-
-
-def tiny_drafter(checkpoint: str, tokenizer: str, max_seq_len: int, quantize: str | None = None):
-    """A draft model in rank 0's process: another tiny model (other weights, the same tokenizer), or ``quantize``d
-    the model's own weights (self-drafting, --draft-quantize)."""
-    from torchchat.generate.local import LocalGenerator
-    from torchchat.quantize import quantize_model
-
-    source = ModelSource("draft", checkpoint_path=Path(checkpoint), tokenizer_path=Path(tokenizer))
-    model, tokenizer, chat_format = load_parts(source)
-    if quantize:
-        quantize_model(model, quantize)
-    return ModelDrafter(SPECULATE_K, LocalGenerator(model, tokenizer, chat_format, max_seq_len=max_seq_len,
-                                                    out=io.StringIO(), err=io.StringIO()))
-
-
-def _tokens(completions):
-    return None if completions is None else [c.tokens for c in completions]
-
-
-def _recording_replies(gen) -> list:
-    """The tokens of every reply ``gen`` completes from now on (the chat session calls ``gen.run_until``)."""
-    replies, run_until = [], gen.run_until
-
-    def recording(request):
-        run_until(request)
-        replies.append(_tokens(request.completions))
-    gen.run_until = recording
-    return replies
-
-
-def _never_called():
-    raise AssertionError("only rank 0 reads the user")
-
-
-def assert_followers_hold_nothing(results: list, case: str):
-    """The ranks other than 0 keep no request state: they returned no tokens."""
-    held = [rank for rank, r in enumerate(results[1:], 1) if r[case] not in (None, [None] * len(r[case] or []))]
-    assert not held, f"{case}: rank(s) {held} returned tokens: only rank 0 holds the requests"
-
-
-# ----- what LocalGenerator gives -----
-
-def _local(source, max_seq_len, dtype=None, block_op=True, **kwargs):
-    """A LocalGenerator; ``block_op=False``: its batch-1 decode steps through the modules instead of the CPU block
-    op (``Transformer.decode_layers``), as a TP rank runs them."""
-    if dtype is None:
-        gen = local_generator(source, max_seq_len=max_seq_len, max_batch=4, **kwargs)
-    else:
-        from torchchat.generate.local import DTYPES, LocalGenerator
-
-        _, tokenizer, chat_format = load_parts(source)
-        model = load_model(source, read_model_args(source), dtype=DTYPES[dtype])
-        gen = LocalGenerator(model, tokenizer, chat_format, max_seq_len=max_seq_len, max_batch=4,
-                             out=io.StringIO(), err=io.StringIO(), **kwargs)
-    if not block_op:
-        gen.model.decode_layers = None
-    return gen
-
-
-def _local_tokens(source, runs, max_seq_len, dtype=None, block_op=True):
-    gen = _local(source, max_seq_len, dtype, block_op)
-    return [_tokens(gen.run_generate(prompt, args)) for prompt, args in runs]
-
-
-def _local_alone(source, schedule, max_seq_len, **kwargs):
-    """Each request of a schedule alone through LocalGenerator, one after the other (no prefix reuse: each
-    prompt is fed whole, as in the schedule)."""
-    gen = _local(source, max_seq_len, prefix_reuse=False, **kwargs)
-    return [REFUSED if (request := _submit(gen, prompt, args)) is None else _alone(gen, request)
-            for _, prompt, args in schedule]
-
-
-def _alone(gen, request):
-    gen.run_until(request)
-    return _tokens(request.completions)
 
 
 TINY_RUNS = [(PROMPT, GREEDY),
@@ -295,7 +67,6 @@ SCORE_TP_LOG_PROB = 8e-4
 # 0's process (TP 2: another tiny model; PP 2: the model's own weights in int4); each against the model's plain
 # greedy output in one process.
 SPEC_SCHEDULE = [entry for entry in SCHEDULE if entry[2].temperature == 0]
-SPECULATE_K = 3
 SPEC_LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 SPEC_CHAT_LAYOUTS = [(2, 1), (1, 2)]
 
@@ -357,13 +128,13 @@ def rank0(results: list[dict], case: str):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (4, 1), (1, 2), (1, 3), (1, 4), (2, 2)], ids=lambda v: str(v))
 def test_tiny_greedy_matches_local(tiny_model, launched, tp, pp):
-    expected = _local_tokens(tiny_source(tiny_model), TINY_RUNS, 64)
+    expected = local_tokens(tiny_source(tiny_model), TINY_RUNS, 64)
     assert rank0(launched(tp, pp), "greedy") == expected, f"tp {tp}, pp {pp}"
 
 
 @pytest.mark.parametrize("tp,pp", SCHEDULE_LAYOUTS, ids=lambda v: str(v))
 def test_requests_joining_at_different_steps_each_match_local_alone(tiny_model, launched, tp, pp):
-    expected = _local_alone(tiny_source(tiny_model), SCHEDULE, 128, prefill_chunk=8)
+    expected = local_alone(tiny_source(tiny_model), SCHEDULE, 128, prefill_chunk=8)
     assert len({tuple(seq) for seq in expected[2]}) == 2, "the seeded samples should differ"
     assert expected[3] == REFUSED
     got, depth = rank0(launched(tp, pp), "schedule")
@@ -377,7 +148,7 @@ def test_perplexity_matches_local(tiny_model, launched, tp, pp):
     """`eval` through the stages and the TP shards gives one process's figure: exactly where only the layers are
     split between stages (each rank computes them as one process does), to float tolerance under TP, whose
     row-wise layers add their float32 partial sums in another order (the logits' log-softmax is vocab-parallel)."""
-    expected = score_case(_local(tiny_source(tiny_model), SCORE_WINDOW), 0, (SCORE_TOKENS, SCORE_WINDOW))
+    expected = score_case(local_reference(tiny_source(tiny_model), SCORE_WINDOW), 0, (SCORE_TOKENS, SCORE_WINDOW))
     perplexity, tokens, log_probs = rank0(launched(tp, pp), "score")
     assert tokens == expected[1] == 5 * (SCORE_WINDOW - 1 - SCORE_WINDOW // 2)
     if tp == 1:
@@ -406,14 +177,14 @@ def test_cpu_ranks_attend_through_the_kernel(tiny_model, launched, tp, pp):
 
 @pytest.mark.parametrize("tp,pp", BATCH_LAYOUTS, ids=lambda v: str(v))
 def test_tiny_several_sequences_through_the_pipeline(tiny_model, launched, tp, pp):
-    expected = _local_tokens(tiny_source(tiny_model), BATCH_RUNS, 64)
+    expected = local_tokens(tiny_source(tiny_model), BATCH_RUNS, 64)
     assert len({tuple(seq) for seq in expected[1]}) > 1, "the sampled sequences should differ"
     assert rank0(launched(tp, pp), "batch") == expected, f"tp {tp}, pp {pp}, several sequences"
 
 
 def test_pipeline_in_bf16(tiny_model, launched):
     """Activations cross stages in the model's dtype (receive buffers too): bf16 matches bf16 locally."""
-    expected = _local_tokens(tiny_source(tiny_model), TINY_RUNS, 64, dtype="bf16")
+    expected = local_tokens(tiny_source(tiny_model), TINY_RUNS, 64, dtype="bf16")
     assert rank0(launched(1, 2), "bf16") == expected
 
 
@@ -434,7 +205,7 @@ BF16_TP2_PARTED_AT_MOST = 1
 
 def test_tensor_parallel_dtensor_reference_matches(tiny_model, launched):
     """The plain-tensor hot path and DTensor's own (the plan's meaning) give the same tokens."""
-    expected = _local_tokens(tiny_source(tiny_model), TINY_RUNS[:1], 64)
+    expected = local_tokens(tiny_source(tiny_model), TINY_RUNS[:1], 64)
     assert rank0(launched(2, 1), "dtensor") == expected, "tp 2, DTensor"
 
 
@@ -442,9 +213,9 @@ def test_tensor_parallel_in_bf16(tiny_model, launched):
     """Rank 0 yields one bf16 process's tokens when it runs the modules; LocalGenerator's but for the rare
     near tie (see above)."""
     source, results = tiny_source(tiny_model), rank0(launched(2, 1), "tp_bf16")
-    assert results == _local_tokens(source, BF16_RUNS, 128, dtype="bf16", block_op=False), \
+    assert results == local_tokens(source, BF16_RUNS, 128, dtype="bf16", block_op=False), \
         "tp 2 bf16 vs one process's modules"
-    expected = _local_tokens(source, BF16_RUNS, 128, dtype="bf16")
+    expected = local_tokens(source, BF16_RUNS, 128, dtype="bf16")
     parted = [prompt for prompt, got, want in zip(BF16_PROMPTS, results, expected) if got != want]
     assert len(parted) <= BF16_TP2_PARTED_AT_MOST, f"tp 2 bf16 parted from LocalGenerator's on {parted}"
 
@@ -452,7 +223,7 @@ def test_tensor_parallel_in_bf16(tiny_model, launched):
 def _local_chat(tiny_model) -> tuple[str, list]:
     """CHAT through one process: its transcript and its replies' tokens."""
     local = local_generator(tiny_source(tiny_model), max_seq_len=256)
-    replies = _recording_replies(local)
+    replies = recording_replies(local)
     assert local.run_chat(CHAT_ARGS, scripted_user(CHAT)) == 2
     return local.out.getvalue(), replies
 
@@ -469,7 +240,7 @@ def test_speculative_requests_in_flight_give_plain_greedy_tokens(tiny_model, lau
     """Prompt lookup on rank 0, verification steps through the TP shards and the stages (the plans carry k + 1
     tokens a row, the logits come back at every position): each request's tokens are one process's plain greedy
     ones, alone."""
-    expected = _local_alone(tiny_source(tiny_model), SPEC_SCHEDULE, 128, prefill_chunk=8)
+    expected = local_alone(tiny_source(tiny_model), SPEC_SCHEDULE, 128, prefill_chunk=8)
     got, verifications = rank0(launched(tp, pp), "speculative schedule")
     assert got == expected, f"tp {tp}, pp {pp}"
     assert verifications > 0, "no verification step ran"
@@ -508,45 +279,7 @@ def smollm2(smollm2_gguf):
 @pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), (1, 3)], ids=lambda v: str(v))
 def test_smollm2_matches_local(smollm2, tp, pp):
     results = run_ranks(layout_worker, tp * pp, smollm2, tp, pp, smollm2_cases(tp, pp), timeout=240)
-    assert rank0(results, "greedy") == _local_tokens(smollm2, SMOLLM2_RUNS, 64), f"smollm2, tp {tp}, pp {pp}"
+    assert rank0(results, "greedy") == local_tokens(smollm2, SMOLLM2_RUNS, 64), f"smollm2, tp {tp}, pp {pp}"
     if "schedule" in results[0]:
-        expected = _local_alone(smollm2, SMOLLM2_SCHEDULE, 64)
+        expected = local_alone(smollm2, SMOLLM2_SCHEDULE, 64)
         assert rank0(results, "schedule") == (expected, pp), f"smollm2, tp {tp}, pp {pp}, 4 requests at once"
-
-
-# ----- user errors, before any process starts -----
-
-def test_world_size_must_match():
-    with pytest.raises(ConfigError, match=r"--tp 2 x --pp 2 = 4 processes, but the world size is 3: run torchrun "
-                                          r"--nproc-per-node 4 \(or change --tp/--pp\)"):
-        ParallelDims(tp=2, pp=2, world_size=3)
-    with pytest.raises(ConfigError, match=r"--pp \(0\) must be at least 1"):
-        ParallelDims(tp=1, pp=0, world_size=0)
-
-
-def test_tp_must_divide_the_heads():
-    with pytest.raises(ConfigError, match=r"--tp 2 must divide the query heads \(9\) and the key/value heads \(3\) "
-                                          r"of smollm2-135m; try --tp 3"):
-        ParallelDims(tp=2, pp=1, world_size=2).check_model(KNOWN_MODELS["smollm2-135m"])
-    odd = ModelArgs(dim=35, n_layers=2, n_heads=7, vocab_size=101, hidden_dim=64)
-    with pytest.raises(ConfigError, match="cannot be split by tensor parallelism: use --pp"):
-        ParallelDims(tp=7, pp=1, world_size=7).check_model(odd, "odd")
-
-
-def test_pp_must_not_exceed_the_layers():
-    with pytest.raises(ConfigError, match=r"--pp 31 stages but smollm2-135m has 30 layers; use at most --pp 30"):
-        ParallelDims(tp=1, pp=31, world_size=31).check_model(KNOWN_MODELS["smollm2-135m"])
-
-
-def test_uneven_stages():
-    assert [len(r) for r in ParallelDims(1, 4, 4).stage_layers(30)] == [8, 8, 7, 7]
-    assert ParallelDims(1, 3, 3).stage_layers(30)[2] == range(20, 30)
-
-
-def test_more_gpus_than_visible(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"needs 4 GPUs on this node but 2 are visible"):
-        ParallelDims(tp=2, pp=2, world_size=4).check_devices("cuda")
-    ParallelDims(tp=2, pp=2, world_size=4).check_devices("cpu")
