@@ -114,7 +114,7 @@ def test_on_a_busy_machine_a_prompts_torch_ops_run_on_one_thread_and_its_gemms_o
     torch.manual_seed(5)
     x, w, small = torch.randn(64, 576), torch.randn(1536, 576), torch.randn(256, 576)
     torch.set_num_threads(2)
-    with cpu_kernels.kernels.one_torch_thread_when_busy():
+    with cpu_kernels.kernels.one_torch_thread_when_busy(torch.device("cpu")):
         assert torch.get_num_threads() == 2  # quiet: as it was
     torch.ops.torchchat.work_pool_reset()
 
@@ -123,7 +123,7 @@ def test_on_a_busy_machine_a_prompts_torch_ops_run_on_one_thread_and_its_gemms_o
             torch.ops.torchchat.gemv(x[:1], small)
         assert torch.ops.torchchat.work_pool_busy()
         regions = pool_counts()["regions"]
-        with cpu_kernels.kernels.one_torch_thread_when_busy():
+        with cpu_kernels.kernels.one_torch_thread_when_busy(torch.device("cpu")):
             threads = torch.get_num_threads()
             out = torch.ops.torchchat.prompt_linear(x, w)
         return threads, pool_counts()["regions"] - regions, out, torch.get_num_threads()

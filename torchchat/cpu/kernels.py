@@ -91,14 +91,14 @@ def _prompt_linear() -> bool:
 
 
 @contextlib.contextmanager
-def one_torch_thread_when_busy():
+def one_torch_thread_when_busy(device: torch.device):
     """Speed, a prompt on a busy machine: while the kernels' pool judges the machine busy (its workers did not keep
     up: csrc/work_pool.h), torch's own ops (elementwise, attention) run on one thread and the pool keeps its count
     for the prompt's GEMMs (prompt_linear). OpenMP splits each op statically, so beside a CPU hog every one of a
     prompt's ~700 small ops waited for the thread sharing the hog's core: 0.32 of their quiet speed, below one
-    thread's. Elsewhere (quiet, one thread, no kernels) nothing changes."""
+    thread's. Elsewhere (another device, quiet, one thread, no kernels) nothing changes. ``device``: the prompt's."""
     threads = torch.get_num_threads()
-    if threads == 1 or not available() or not torch.ops.torchchat.work_pool_busy():
+    if device.type != "cpu" or threads == 1 or not available() or not torch.ops.torchchat.work_pool_busy():
         yield
         return
     torch.ops.torchchat.work_pool_hold_threads(threads)

@@ -121,8 +121,8 @@ class StagePart:
         input_pos, rows = positions_and_rows(step, x.device)  # as LocalGenerator passes them: the same kernels
         prompt = step.tokens.size(1) > 1
         linears = cpu.Float32Linears() if prompt and self.float32_prefill else contextlib.nullcontext()
-        on_cpu = x.device.type == "cpu"  # a prompt on a busy machine: LocalGenerator's threads (_prompt_threads)
-        threads = cpu.kernels.one_torch_thread_when_busy() if prompt and on_cpu else contextlib.nullcontext()
+        # a prompt on a busy machine: its torch ops on one thread, as LocalGenerator's
+        threads = cpu.kernels.one_torch_thread_when_busy(x.device) if prompt else contextlib.nullcontext()
         with torch.no_grad(), linears, threads:  # never inference_mode: DTensor (the reference path) fails under it
             hidden = self.model(x, input_pos, rows)  # (B, T, dim)
             if self.output is None:

@@ -77,7 +77,8 @@ class LocalGenerator(Generator):
         with torch.no_grad():
             if tokens.size(1) == 1:
                 return self._step(tokens, input_pos, rows)  # (B, V)
-            with self._prefill_mode(), self._prompt_threads(), _output_layer_detached(self.model) as output:
+            with self._prefill_mode(), cpu.kernels.one_torch_thread_when_busy(self.device), \
+                    _output_layer_detached(self.model) as output:
                 hidden = self.model(tokens, input_pos, rows)  # (B, T, dim): the model passes through a missing output
                 if step.targets is not None:  # scoring (Generator.score): (B, T) log-probabilities
                     return target_log_probs(output, hidden, step.targets.to(self.device))
@@ -122,11 +123,6 @@ class LocalGenerator(Generator):
         """The decode step as compiled on CPU without the gemv op (see cpu.GemvAsReduction)."""
         with cpu.GemvAsReduction():
             return self._forward_one(token, input_pos, rows)
-
-    def _prompt_threads(self):
-        """Speed, CPU: on a machine the kernels' pool judges busy, a prompt's torch ops on one thread (see
-        cpu.kernels.one_torch_thread_when_busy)."""
-        return cpu.kernels.one_torch_thread_when_busy() if self.device.type == "cpu" else contextlib.nullcontext()
 
     def _prefill_mode(self):
         """Speed: on a CPU without native bf16, a prompt's bf16/fp16 linears run as float32 GEMMs."""
