@@ -31,6 +31,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def kernels_loaded():
+    """Builds (or finds in the cache) and loads the CPU kernels; a failed build fails here (tests.kernel_build)."""
+    from torchchat import cpu as cpu_kernels
+
+    assert cpu_kernels.available()
+
+
 @pytest.fixture()
 def pool():
     """The kernels' thread pool (tests.kernel_pool): restores torch's thread count and the pool's knob after the test;

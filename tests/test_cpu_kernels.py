@@ -3,7 +3,6 @@ rows bit-identical to one-row calls, the ops under Dynamo, the decode step route
 cache and their fallbacks (switched off, no compiler). decode_attention: test_decode_attention.py."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.generators import local_generator, tiny_source
+from tests.kernel_build import needs_kernels
 from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.quantize import Int4Linear, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where both are present (this project's machines) a failed build fails the tests rather than skipping them.
-pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
-                                reason="needs an AVX2 CPU and a C++ compiler")
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def op_loaded():
-    """Builds (or finds in the cache) and loads the op; a failed build fails here."""
-    assert cpu_kernels.available()
+pytestmark = needs_kernels
 
 
 GREEDY = GenerationArgs(max_new_tokens=24, temperature=0, top_k=None, seed=0)

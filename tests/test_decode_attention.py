@@ -2,25 +2,17 @@
 over the filled part of its KV cache row, against float64, a batch's rows bit-identical to one-row calls, under
 Dynamo, and in the decode step (greedy tokens, cache dtypes, rows at their own positions)."""
 
-import shutil
-
 import pytest
 import torch
 
 from tests.generators import local_generator, tiny_source
+from tests.kernel_build import needs_kernels
 from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 
-pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
-                                reason="needs an AVX2 CPU and a C++ compiler")
+pytestmark = needs_kernels
 
 GREEDY = GenerationArgs(max_new_tokens=24, temperature=0, top_k=None, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def op_loaded():
-    """Builds (or finds in the cache) and loads the op; a failed build fails here."""
-    assert cpu_kernels.available()
 
 
 def attention_reference(q, k_cache, v_cache, positions, rows=None) -> torch.Tensor:

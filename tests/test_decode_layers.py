@@ -4,7 +4,6 @@ every weight format it takes; a batch's rows bit-identical to one-row calls; cpu
 of models and steps; LocalGenerator's greedy tokens with and without it, eager and compiled."""
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,14 @@ import torch
 
 from tests.block_models import BATCH_ARGS, CACHE_ROWS, random_caches, random_model, scrambled_step
 from tests.generators import local_generator, tiny_source
+from tests.kernel_build import needs_kernels
 from torchchat import cpu as cpu_kernels
 from torchchat.generate.base import GenerationArgs, Turn
 from torchchat.model import ModelArgs, Transformer
 
-pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" or not shutil.which("c++"),
-                                reason="needs an AVX2 CPU and a C++ compiler")
+pytestmark = needs_kernels
 
 GREEDY = GenerationArgs(max_new_tokens=16, temperature=0, top_k=None, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def op_loaded():
-    assert cpu_kernels.available()
 
 
 def caches(model: Transformer) -> list[torch.Tensor]:

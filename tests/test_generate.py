@@ -7,6 +7,7 @@ import torch
 
 from tests.generators import local_generator, scripted_user, tiny_source
 from torchchat.generate.base import GenerationArgs, Turn
+from torchchat.generate.requests import Sequence
 
 GREEDY = dict(temperature=0)
 
@@ -216,3 +217,34 @@ def test_check_tokens_names_the_vocabulary(gen):
     gen.check_tokens([0, gen.model_args.vocab_size - 1])
     with pytest.raises(ValueError, match=rf"token id -1 is outside the vocabulary \[0, {gen.model_args.vocab_size}\)"):
         gen.check_tokens([1, -1])
+
+
+@pytest.mark.parametrize("where", ["in the forward", "after the forward", "after the token is written"])
+def test_ctrl_c_anywhere_in_a_step_leaves_the_next_reply_whole(tiny_model, monkeypatch, where):
+    """Ctrl-C in the 4th step's forward, after it (its logits unread), or just after the 3rd step's token was
+    written: each ends the first reply with the same 3 tokens, and the next reply is the one the first gives (not
+    one sampled from a dropped step's logits)."""
+    def chat(where: str) -> str:
+        gen = local_generator(tiny_source(tiny_model))
+        steps, start, accept = {"n": 0}, gen.start, Sequence.accept
+
+        def interrupted_start(step):
+            steps["n"] += 1
+            if steps["n"] == 4 and where == "in the forward":
+                raise KeyboardInterrupt
+            start(step)
+            if steps["n"] == 4 and where == "after the forward":
+                raise KeyboardInterrupt
+
+        def interrupted_accept(seq, token):
+            accept(seq, token)
+            if steps["n"] == 3 and where == "after the token is written":
+                raise KeyboardInterrupt
+        gen.start = interrupted_start
+        monkeypatch.setattr(Sequence, "accept", interrupted_accept)
+        assert gen.run_chat(GenerationArgs(max_new_tokens=8, **GREEDY), scripted_user(["one", "two"])) == 2
+        return gen.out.getvalue()
+
+    want = chat("in the forward")
+    assert want.count("[interrupted]") == 1
+    assert chat(where) == want

@@ -13,7 +13,7 @@ import tiktoken
 from tests import llamacpp_vocab
 from tests.assets import llama3_tokenizer_model, write_gguf_metadata
 from tests.ci import IN_CI, import_or_skip_outside_ci
-from tests.test_tokenizer import ROUND_TRIP, tokenizer_file
+from tests.tokenizer_cases import ROUND_TRIP, tokenizer_file
 from torchchat.bpe import WordEncoder, byte_to_unicode, tiktoken_is_exact
 from torchchat.catalog import ModelSource
 from torchchat.tokenizer import (GPT2_PATTERN, MergeRankTokenizer, SentencePieceTokenizer, TiktokenTokenizer,

@@ -10,17 +10,10 @@ import regex
 
 from tests.assets import (llama3_tokenizer_model, sentencepiece_gguf_fields, train_sentencepiece,
                           write_byte_tiktoken, write_gguf_metadata)
+from tests.tokenizer_cases import ROUND_TRIP, tokenizer_file
 from torchchat.catalog import ModelSource, embedded_gguf
 from torchchat.errors import ConfigError
 from torchchat.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer
-
-ROUND_TRIP = ["Hello world", "héllo wörld, naïve café", "emoji 🙂👍🏽 and flags 🇫🇷", "日本語のテキスト",
-              "Ελληνικά и русский", "  two leading spaces\n\nblank line\ttab  trailing  ",
-              "def f(x):\n    return x ** 2  # square\n", "<|im_end|> [INST] <s></s> <|eot_id|>", ""]
-
-
-def tokenizer_file(path) -> ModelSource:
-    return ModelSource("test", checkpoint_path=path.parent / "model.pth", tokenizer_path=path)
 
 
 @pytest.fixture(scope="module")

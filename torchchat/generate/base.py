@@ -84,6 +84,12 @@ class Generator(ABC):
         """The logits (B, V) of the oldest step begun and not yet finished."""
         return self._results.popleft()
 
+    def forget_started(self):
+        """Drop the steps begun and not finished: Ctrl-C landed between a ``start`` and its ``finish``, and the
+        next ``finish`` must answer the next ``start``. A backend that overrides ``start``/``finish`` overrides
+        this too."""
+        self._results.clear()
+
     def resize_batch(self, max_batch: int):
         """Hold ``max_batch`` sequences from now on (called with nothing in flight). Optional: ConfigError here."""
         raise ConfigError(f"{max_batch} samples exceed the {self.max_batch} sequences this generator runs at once "
@@ -131,11 +137,15 @@ class Generator(ABC):
         self.scheduler.cancel(request, error)
 
     def step(self):
-        """One round of the schedule (see scheduler.py). A failing forward fails every request in it, then raises."""
+        """One round of the schedule (see scheduler.py). A failing forward fails every request in it, then raises;
+        Ctrl-C drops the steps in flight (their logits unread), then raises, and ``run_until`` ends its request."""
         try:
             self.scheduler.step()
         except Exception as e:
             self.scheduler.fail_all(e)
+            raise
+        except BaseException:
+            self.scheduler.drop_in_flight()
             raise
 
     def run_until(self, request: Request):

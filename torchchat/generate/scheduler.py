@@ -75,14 +75,21 @@ class Scheduler:
         """End ``request`` now (a client left, Ctrl-C): its rows are free for the next step."""
         if request in self.waiting:
             self.waiting.remove(request)
-        elif request in self.running:
-            self._leave(request)
+        else:
+            self._leave(request)  # Ctrl-C may have cut a leave short: the rows it holds are freed whatever it did
         if not request.done:
             request.finish(error)
 
+    def drop_in_flight(self):
+        """Forget the steps begun and not finished, here and in the generator (Ctrl-C between a step's start and
+        its sampling). A row's ``cached`` tokens grow only once their step finished, so what a dropped step wrote
+        past them is written again before it is read."""
+        self._in_flight.clear()
+        self.gen.forget_started()
+
     def fail_all(self, error: BaseException):
         """A forward failed: every request in the schedule ends with ``error`` (the caches may be half written)."""
-        self._in_flight.clear()
+        self.drop_in_flight()
         for request in list(self.running) + list(self.waiting):
             self.cancel(request, error)
         for slot in self.slots:
@@ -283,7 +290,8 @@ class Scheduler:
         return next((s for s in free if not s.cached), None) or min(free, key=lambda s: s.last_used), 0
 
     def _leave(self, request: Request):
-        self.running.remove(request)
+        if request in self.running:
+            self.running.remove(request)
         for seq in request.sequences:
             if seq.slot >= 0 and self.slots[seq.slot].sequence is seq:
                 self.slots[seq.slot].sequence = None
