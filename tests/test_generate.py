@@ -248,3 +248,19 @@ def test_ctrl_c_anywhere_in_a_step_leaves_the_next_reply_whole(tiny_model, monke
     want = chat("in the forward")
     assert want.count("[interrupted]") == 1
     assert chat(where) == want
+
+
+def test_ctrl_c_in_a_leave_still_frees_the_rows(tiny_model):
+    """Ctrl-C landing while a finished request leaves (out of the running list, its rows not yet freed): the rows
+    are freed all the same, and the chat goes on."""
+    class InterruptedOnce(list):
+        def remove(self, request):
+            super().remove(request)
+            if not getattr(self, "interrupted", False):
+                self.interrupted = True
+                raise KeyboardInterrupt
+    gen = local_generator(tiny_source(tiny_model))
+    gen.scheduler.running = InterruptedOnce()
+    assert gen.run_chat(GenerationArgs(max_new_tokens=4, **GREEDY), scripted_user(["one", "two"])) == 2
+    assert gen.out.getvalue().count("[interrupted]") == 1
+    assert not gen.scheduler.busy and all(slot.sequence is None for slot in gen.scheduler.slots)
