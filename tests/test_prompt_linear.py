@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from tests.kernel_pool import LATE_US, SETTINGS, pool_counts, returns_within, runs
 from torchchat import cpu as cpu_kernels
+from torchchat.cpu import run_queue
 from torchchat.quantize import Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.skipif(not (cpu_kernels.available() and torch.ops.torchchat.prompt_linear_available()),
@@ -134,3 +135,35 @@ def test_on_a_busy_machine_a_prompts_torch_ops_run_on_one_thread_and_its_gemms_o
     torch.ops.torchchat.work_pool_reset()
     runs(1, lambda: torch.ops.torchchat.prompt_linear(x, w))
     assert pool_counts()["regions"] == 0  # the pool follows torch's count (one thread: serial) again
+
+
+def test_before_the_pool_judges_the_run_queue_decides(pool, monkeypatch):
+    """With no region of late (a run's first prompt), one_torch_thread_when_busy asks the run queue: overcommitted,
+    the prompt's torch ops run on one thread and the pool runs as on a busy machine from then on; not, nothing
+    changes. After a recent region the pool's own judgement stands and the run queue is not read."""
+    x, w, cpu = torch.randn(64, 576), torch.randn(1536, 576), torch.device("cpu")
+    asked: list[int] = []
+
+    def run_queue_says(overcommitted: bool):
+        monkeypatch.setattr(run_queue, "overcommitted", lambda threads: asked.append(threads) or overcommitted)
+
+    torch.set_num_threads(2)
+    assert torch.ops.torchchat.work_pool_idle_s() == float("inf")  # reset: as if no region had run
+    run_queue_says(False)
+    with cpu_kernels.kernels.one_torch_thread_when_busy(cpu):
+        assert torch.get_num_threads() == 2
+    assert asked == [2] and not torch.ops.torchchat.work_pool_busy()
+
+    run_queue_says(True)
+    with cpu_kernels.kernels.one_torch_thread_when_busy(cpu):
+        inside = torch.get_num_threads()
+    assert inside == 1 and torch.get_num_threads() == 2 and asked == [2, 2]
+    assert torch.ops.torchchat.work_pool_busy()  # and the pool follows
+
+    torch.ops.torchchat.work_pool_reset()
+    torch.ops.torchchat.prompt_linear(x, w)  # a region on two threads: a judgement under way
+    monkeypatch.setattr(cpu_kernels.kernels, "STALE_JUDGEMENT_S", 3600.0)  # recent, however slow this machine is
+    assert torch.ops.torchchat.work_pool_idle_s() < 3600.0
+    with cpu_kernels.kernels.one_torch_thread_when_busy(cpu):
+        assert torch.get_num_threads() == 2
+    assert asked == [2, 2] and not torch.ops.torchchat.work_pool_busy()

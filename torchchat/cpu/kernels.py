@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension
 
+from torchchat.cpu import run_queue
+
 CSRC = Path(__file__).parent.parent / "csrc"  # torchchat/csrc
 # Compiled; csrc's headers are in the build's key too.
 SOURCES = (CSRC / "gemv.cpp", CSRC / "decode_attention.cpp", CSRC / "decode_layers.cpp", CSRC / "work_pool.cpp",
@@ -90,15 +92,32 @@ def _prompt_linear() -> bool:
     return bool(torch.ops.torchchat.prompt_linear_available())
 
 
+STALE_JUDGEMENT_S = 0.05  # the pool's workers have been asleep for a while: they are not in the run queue
+
+
+def _busy(threads: int) -> bool:
+    """The pool's judgement if it is recent; else the run queue's, which the pool then follows."""
+    ops = torch.ops.torchchat
+    if ops.work_pool_busy():
+        return True
+    if ops.work_pool_idle_s() < STALE_JUDGEMENT_S or not run_queue.overcommitted(threads):
+        return False
+    ops.work_pool_assume_busy()
+    return True
+
+
 @contextlib.contextmanager
 def one_torch_thread_when_busy(device: torch.device):
     """Speed, a prompt on a busy machine: while the kernels' pool judges the machine busy (its workers did not keep
     up: csrc/work_pool.h), torch's own ops (elementwise, attention) run on one thread and the pool keeps its count
     for the prompt's GEMMs (prompt_linear). OpenMP splits each op statically, so beside a CPU hog every one of a
     prompt's ~700 small ops waited for the thread sharing the hog's core: 0.32 of their quiet speed, below one
-    thread's. Elsewhere (another device, quiet, one thread, no kernels) nothing changes. ``device``: the prompt's."""
+    thread's. Elsewhere (another device, quiet, one thread, no kernels) nothing changes. ``device``: the prompt's.
+
+    Where the pool has not judged of late (no region for STALE_JUDGEMENT_S: a run's first prompt, a chat's next
+    turn), the run queue decides, and the pool runs as on a busy machine from then on if it says so (run_queue)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or not available() or not torch.ops.torchchat.work_pool_busy():
+    if device.type != "cpu" or threads == 1 or not available() or not _busy(threads):
         yield
         return
     torch.ops.torchchat.work_pool_hold_threads(threads)

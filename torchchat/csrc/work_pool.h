@@ -37,6 +37,7 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <limits>
 #include <cstdint>
 #include <mutex>
 #include <thread>
@@ -159,6 +160,7 @@ class WorkPool {
       if (total < kWakeMinChunks && !long_chunks) {  // a short region: the caller alone, the workers asleep
         counts_.solo_regions++;
         fn(context, 0, n);
+        last_region_ns_.store(pool_detail::now_ns(), std::memory_order_relaxed);
         return;
       }
       counts_.woken_regions++;  // a long one: the workers are woken for it, and sleep again after it
@@ -183,7 +185,9 @@ class WorkPool {
     const int64_t worked = pool_detail::now_ns();
     wait_for_chunks(static_cast<uint32_t>(total));
     counts_.caller_chunks += own;
-    if (!busy) judge(own, total - own, worked - start, pool_detail::now_ns() - worked, threads - 1);
+    const int64_t end = pool_detail::now_ns();
+    if (!busy) judge(own, total - own, worked - start, end - worked, threads - 1);
+    last_region_ns_.store(end, std::memory_order_relaxed);
   }
 
   // "Never worse than one thread": over each window of kJudgeRegions regions, the time the workers saved the caller
@@ -223,17 +227,36 @@ class WorkPool {
   // Is the pool running as on a busy machine (judge)? Callers may cut their work finer then (prompt_linear.cpp).
   bool busy() const { return busy_.load(std::memory_order_relaxed); }
 
+  // Seconds since the last region ended (infinity before the first): how old the judgement is, and whether the
+  // workers are asleep by now (they sleep within ~2 ms of the last region).
+  double idle_s() const {
+    const int64_t last = last_region_ns_.load(std::memory_order_relaxed);
+    return last == 0 ? std::numeric_limits<double>::infinity() : (pool_detail::now_ns() - last) * 1e-9;
+  }
+
+  // Run as on a busy machine from the next region, as judge would have decided, for the same kSoloRegions: for a
+  // caller that saw the machine busy before the pool had regions to judge it by (the first prompt of a run:
+  // torchchat.cpu.kernels.one_torch_thread_when_busy).
+  void assume_busy() {
+    std::lock_guard<std::mutex> one_region(region_mutex_);
+    window_ = {}, last_window_bad_ = false;
+    solo_left_ = kSoloRegions;
+    busy_.store(true, std::memory_order_relaxed);
+  }
+
   PoolCounts counts() const {
     PoolCounts c = counts_;
     c.worker_chunks = worker_chunks_.load(std::memory_order_relaxed);
     return c;
   }
 
-  // Counts from zero, and the workers judged afresh (judge). Takes the region lock: no region is running.
+  // Counts from zero, and the workers judged afresh (judge), as if no region had run. Takes the region lock: no
+  // region is running.
   void reset() {
     std::lock_guard<std::mutex> one_region(region_mutex_);
     window_ = {}, solo_left_ = 0, last_window_bad_ = false;
     busy_.store(false, std::memory_order_relaxed);
+    last_region_ns_.store(0, std::memory_order_relaxed);
     counts_ = {};
     worker_chunks_.store(0, std::memory_order_relaxed);
   }
@@ -349,6 +372,7 @@ class WorkPool {
   std::atomic<uint32_t> caller_waiting_{0};
   std::atomic<int> active_workers_{0};
   std::atomic<int> caller_cpu_{-1};  // the CPU the caller published the last region from
+  std::atomic<int64_t> last_region_ns_{0};  // when the last region ended (idle_s)
 
   std::atomic<int64_t> worker_delay_us_{0};
   std::atomic<int> held_threads_{0};  // hold_threads
