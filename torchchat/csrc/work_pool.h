@@ -37,8 +37,8 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <type_traits>
