@@ -216,12 +216,16 @@ class WorkPool {
     const double chunks = static_cast<double>(window_.own_chunks + window_.worker_chunks);
     const bool bad = static_cast<double>(window_.worker_chunks) * ns_a_chunk < static_cast<double>(window_.wait_ns) ||
                      window_.worker_chunks < kMinWorkerShare * chunks * workers / (workers + 1);
-    if (bad && last_window_bad_) {
-      solo_left_ = kSoloRegions;
-      busy_.store(true, std::memory_order_relaxed);
-    }
-    last_window_bad_ = bad && !last_window_bad_;
+    if (bad && last_window_bad_) return run_as_busy();
+    last_window_bad_ = bad;
     window_ = {};
+  }
+
+  // The next kSoloRegions regions run as on a busy machine; then the workers are judged afresh. Under the region lock.
+  void run_as_busy() {
+    window_ = {}, last_window_bad_ = false;
+    solo_left_ = kSoloRegions;
+    busy_.store(true, std::memory_order_relaxed);
   }
 
   // Is the pool running as on a busy machine (judge)? Callers may cut their work finer then (prompt_linear.cpp).
@@ -239,9 +243,7 @@ class WorkPool {
   // torchchat.cpu.kernels.one_torch_thread_when_busy).
   void assume_busy() {
     std::lock_guard<std::mutex> one_region(region_mutex_);
-    window_ = {}, last_window_bad_ = false;
-    solo_left_ = kSoloRegions;
-    busy_.store(true, std::memory_order_relaxed);
+    run_as_busy();
   }
 
   PoolCounts counts() const {
